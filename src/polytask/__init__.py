@@ -1,0 +1,127 @@
+"""polytask: run many small structured LLM tasks over every sentence of every document, under rate limits.
+
+Example::
+
+    import polytask as pt
+
+    backend = pt.OpenAIBackend(model="gpt-4o-mini", rpm=500, tpm=200_000)
+    async with pt.Orchestrator(backend, tasks=[pt.Sentiment(), pt.Entities()]) as orch:
+        async for doc in orch.stream(["Hello from Paris.", "这是一段文本。"]):
+            print(doc.id, doc.results["sentiment"].label, doc.results["entities"].entities)
+
+``import polytask`` never imports torch: :class:`TransformersBackend` is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import Backend, ChatRequest, ChatResponse, RateLimitHeaders
+from .backends.function import FunctionBackend
+from .backends.openai import OpenAIBackend
+from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
+from .exceptions import (
+    AnswerError,
+    AnswerValidationError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BackendError,
+    BadRequestError,
+    ConfigurationError,
+    InputError,
+    LengthLimitError,
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    PolytaskError,
+    QuotaExceededError,
+    RateLimitError,
+    RefusalError,
+    RequestTooLargeError,
+    ServerError,
+    UnprocessableEntityError,
+)
+from .limits import Clock, MonotonicClock, RateLimiter
+from .orchestrator import Orchestrator, RunStats, RunStopped, run_sync
+from .retry import RetryPolicy
+from .segment import segment
+from .tasks import (
+    Classify,
+    DocumentEntities,
+    DocumentLabels,
+    DocumentSentiment,
+    Entities,
+    Entity,
+    Sentiment,
+    Task,
+)
+
+if TYPE_CHECKING:
+    from .backends.transformers import TransformersBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AnswerError",
+    "AnswerValidationError",
+    "AuthenticationError",
+    "Backend",
+    "BackendError",
+    "BadRequestError",
+    "ChatRequest",
+    "ChatResponse",
+    "Classify",
+    "Clock",
+    "ConfigurationError",
+    "Document",
+    "DocumentEntities",
+    "DocumentLabels",
+    "DocumentResult",
+    "DocumentSentiment",
+    "Entities",
+    "Entity",
+    "ErrorInfo",
+    "FunctionBackend",
+    "InputError",
+    "LengthLimitError",
+    "MalformedResponseError",
+    "MonotonicClock",
+    "NotFoundError",
+    "OpenAIBackend",
+    "Orchestrator",
+    "PairResult",
+    "PermissionDeniedError",
+    "PolytaskError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RateLimitHeaders",
+    "RateLimiter",
+    "RefusalError",
+    "RequestTooLargeError",
+    "RetryPolicy",
+    "RunStats",
+    "RunStopped",
+    "Sentence",
+    "Sentiment",
+    "ServerError",
+    "Task",
+    "TransformersBackend",
+    "UnprocessableEntityError",
+    "Usage",
+    "__version__",
+    "run_sync",
+    "segment",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TransformersBackend":
+        from .backends.transformers import TransformersBackend
+
+        return TransformersBackend
+    raise AttributeError(f"module 'polytask' has no attribute {name!r}")

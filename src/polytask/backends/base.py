@@ -1,0 +1,108 @@
+"""The backend seam: one chat call in, one chat answer out.
+
+A backend turns a :class:`ChatRequest` into a :class:`ChatResponse` or raises an error from
+:mod:`polytask.exceptions`. It does not retry, rate-limit or validate: the orchestrator does that, the same for
+every backend. Implementations: :class:`~polytask.backends.openai.OpenAIBackend` (any OpenAI-compatible server),
+:class:`~polytask.backends.function.FunctionBackend` (a Python function; a test double), and the local
+transformers backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Backend", "ChatRequest", "ChatResponse", "Message", "RateLimitHeaders"]
+
+Message = dict[str, str]
+"""A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+
+class ChatRequest(BaseModel):
+    """One structured-output chat call.
+
+    Attributes:
+        messages: the chat messages.
+        schema_name: a name for the answer schema (``[a-zA-Z0-9_-]``, as OpenAI requires).
+        json_schema: the JSON schema the answer must match (strict-compatible).
+        max_tokens: the most completion tokens to generate.
+        temperature: sampling temperature.
+        prompt_tokens_estimate: polytask's estimate of the prompt tokens, used for TPM reservation.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    messages: list[Message]
+    schema_name: str
+    json_schema: dict[str, Any]
+    max_tokens: int
+    temperature: float = 0.0
+    prompt_tokens_estimate: int = 0
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens a TPM limiter reserves for this call: prompt estimate + max completion tokens (OpenAI's formula)."""
+        return self.prompt_tokens_estimate + self.max_tokens
+
+
+class RateLimitHeaders(BaseModel):
+    """The ``x-ratelimit-*`` headers of one response, parsed (None where absent).
+
+    Attributes:
+        limit_requests, limit_tokens: the RPM / TPM limits the server applies.
+        remaining_requests, remaining_tokens: what is left in the current window.
+        reset_requests, reset_tokens: seconds until the bucket is full again.
+    """
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+
+class ChatResponse(BaseModel):
+    """The answer to one :class:`ChatRequest`.
+
+    Attributes:
+        content: the answer text (JSON for structured outputs); None when the model refused.
+        finish_reason: ``"stop"``, ``"length"``, ``"content_filter"``, …
+        refusal: the refusal text, when the model refused.
+        prompt_tokens, completion_tokens: usage as reported by the server (0 when it reported none).
+        rate_limits: the parsed ``x-ratelimit-*`` headers.
+        latency: seconds from sending the request to the full response.
+    """
+
+    content: str | None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "function_call"] | str | None = "stop"
+    refusal: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rate_limits: RateLimitHeaders = Field(default_factory=RateLimitHeaders)
+    latency: float = 0.0
+    headers: Mapping[str, str] = Field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the orchestrator needs from a backend.
+
+    Attributes:
+        name: a short description for logs and progress (``"openai:gpt-4o-mini"``).
+        rpm, tpm: the configured limits (requests / tokens per minute), or None for none.
+    """
+
+    name: str
+    rpm: float | None
+    tpm: float | None
+
+    async def complete(self, request: ChatRequest, /) -> ChatResponse:
+        """Send one call. Raises a :mod:`polytask.exceptions` error on failure; never retries."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections / models."""
+        ...

@@ -1,0 +1,63 @@
+"""A backend that calls a Python function: a test double, and a way to plug in any model by hand."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from .base import ChatRequest, ChatResponse
+
+__all__ = ["FunctionBackend"]
+
+Answer = ChatResponse | BaseModel | dict[str, Any] | str
+"""What the function may return: a full :class:`ChatResponse`, or the answer as a pydantic model, a dict or JSON."""
+
+
+class FunctionBackend:
+    """Answers each call with ``fn(request)``; ``fn`` may be sync or async, and may raise polytask errors.
+
+    Args:
+        fn: ``fn(request: ChatRequest) -> ChatResponse | BaseModel | dict | str`` (or an awaitable of one).
+        name: shown in logs and progress.
+        rpm, tpm: limits for the orchestrator's limiter to enforce (None for none).
+
+    Example::
+
+        backend = pt.FunctionBackend(lambda request: {"label": "neutral", "score": 0.0})
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[ChatRequest], Answer | Awaitable[Answer]],
+        *,
+        name: str = "function",
+        rpm: float | None = None,
+        tpm: float | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.rpm = rpm
+        self.tpm = tpm
+        self.calls = 0
+
+    async def complete(self, request: ChatRequest, /) -> ChatResponse:
+        self.calls += 1
+        result = self.fn(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, ChatResponse):
+            return result
+        if isinstance(result, BaseModel):
+            content = result.model_dump_json()
+        elif isinstance(result, dict):
+            content = json.dumps(result)
+        else:
+            content = str(result)
+        return ChatResponse(content=content, prompt_tokens=request.prompt_tokens_estimate, completion_tokens=len(content) // 4)
+
+    async def aclose(self) -> None:
+        return None

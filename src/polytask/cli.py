@@ -1,0 +1,285 @@
+"""The ``polytask`` command: ``polytask run`` for JSON Lines batch jobs, ``polytask simulate`` for a local server.
+
+Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial or any input line was
+invalid (its output line says why); 2 when the run stopped early (insufficient quota) or could not start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .backends.base import Backend
+from .documents import Document, DocumentResult
+from .exceptions import PolytaskError, QuotaExceededError
+from .orchestrator import Orchestrator, RunStats
+from .retry import RetryPolicy
+from .tasks import Classify, Entities, Sentiment, Task
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
+err = Console(stderr=True)
+
+TASK_HELP = "sentiment | entities | classify=LABEL1,LABEL2[,…] (repeatable; default: sentiment and entities)"
+
+
+def parse_task(spec: str) -> Task[Any]:
+    """A built-in task from its CLI spelling (``sentiment``, ``entities``, ``classify=a,b``)."""
+    name, _, arg = spec.partition("=")
+    name = name.strip().lower()
+    if name == "sentiment" and not arg:
+        return Sentiment()
+    if name == "entities" and not arg:
+        return Entities()
+    if name in ("classify", "classify-multi") and arg:
+        return Classify([x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi")
+    raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
+
+
+class _Input:
+    """Reads a JSON Lines file lazily; invalid lines become error records that keep their place in the output."""
+
+    def __init__(self, path: Path, text_field: str, id_field: str) -> None:
+        self.path, self.text_field, self.id_field = path, text_field, id_field
+        self.invalid: dict[int, dict[str, Any]] = {}  # sequence number → output record
+        self.read = 0  # documents (valid or not) read so far
+
+    def count(self) -> int:
+        with self.path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+
+    def _record(self, number: int, line: str) -> Document | dict[str, Any]:
+        try:
+            data = json.loads(line)
+        except ValueError as error:
+            return {"line": number, "error": {"type": "InputError", "message": f"line {number}: invalid JSON: {error}"}}
+        if not isinstance(data, dict):
+            return {"line": number, "error": {"type": "InputError", "message": f"line {number}: not a JSON object"}}
+        text = data.get(self.text_field)
+        doc_id = str(data.get(self.id_field, number))
+        if not isinstance(text, str):
+            message = f"line {number}: field {self.text_field!r} must be a string, got {type(text).__name__}"
+            return {"id": doc_id, "line": number, "error": {"type": "InputError", "message": message}}
+        metadata = {k: v for k, v in data.items() if k not in (self.text_field, self.id_field)}
+        return Document(id=doc_id, text=text, metadata={**metadata, "line": number})
+
+    def documents(self) -> Iterator[Document]:
+        with self.path.open(encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                seq = self.read
+                self.read += 1
+                record = self._record(number, line)
+                if isinstance(record, Document):
+                    yield record.model_copy(update={"metadata": {**record.metadata, "_seq": seq}})
+                else:
+                    err.print(f"[yellow]skipped[/] {record['error']['message']}")
+                    self.invalid[seq] = record
+
+
+class _Writer:
+    """Writes records in input order (a reorder buffer keyed by sequence number)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.buffer: dict[int, dict[str, Any]] = {}
+        self.next = 0
+        self.written = 0
+
+    def put(self, seq: int, record: dict[str, Any]) -> None:
+        self.buffer[seq] = record
+
+    def flush(self, invalid: dict[int, dict[str, Any]]) -> None:
+        while True:
+            if self.next in invalid:
+                self.buffer[self.next] = invalid.pop(self.next)
+            if self.next not in self.buffer:
+                break
+            self.out.write(json.dumps(self.buffer.pop(self.next), ensure_ascii=False) + "\n")
+            self.next += 1
+            self.written += 1
+        self.out.flush()
+
+
+def _result_record(result: DocumentResult) -> dict[str, Any]:
+    data = result.to_json_dict()
+    data["metadata"].pop("_seq", None)
+    return data
+
+
+def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Table:
+    table = Table(title="polytask run", show_header=False)
+    rows = [
+        ("documents written", f"{written}"),
+        ("documents complete / partial", f"{stats.documents_done - stats.documents_partial} / {stats.documents_partial}"),
+        ("invalid input lines", f"{invalid}"),
+        ("pairs ok / failed", f"{stats.pairs_done - stats.pairs_failed} / {stats.pairs_failed}"),
+        ("requests", f"{stats.requests} ({stats.requests / elapsed:.1f}/s)" if elapsed else f"{stats.requests}"),
+        ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
+        ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
+        ("elapsed", f"{elapsed:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+async def _run(
+    backend: Backend, tasks: list[Task[Any]], source: _Input, out: TextIO, options: dict[str, Any], progress: bool
+) -> int:
+    total = source.count()
+    writer = _Writer(out)
+    started = time.perf_counter()
+    code = 0
+    async with Orchestrator(backend, tasks, **options) as orch:
+        bar = Progress(
+            TextColumn("[bold]documents"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[line]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not progress,
+            transient=False,
+        )
+
+        def refresh() -> None:
+            s = orch.stats
+            rate = s.requests / max(1e-9, time.perf_counter() - started)
+            line = (
+                f"{rate:6.1f} req/s  {s.prompt_tokens + s.completion_tokens:,} tok  "
+                f"429s {s.rate_limited}  retries {s.retries}  errors {s.pairs_failed}"
+            )
+            bar.update(task_id, completed=writer.written, line=line)
+
+        with bar:
+            task_id = bar.add_task("run", total=total, line="")
+            documents = source.documents()
+            try:
+                async for result in orch.stream(documents):
+                    writer.put(result.metadata["_seq"], _result_record(result))
+                    writer.flush(source.invalid)
+                    if result.partial:
+                        code = 1
+                    refresh()
+            except QuotaExceededError as error:
+                err.print(f"[red]stopped:[/] {error}")
+                code = 2
+            finally:
+                with contextlib.suppress(Exception):
+                    await backend.aclose()
+            writer.flush(source.invalid)
+            if code == 2:  # what was never started still gets its output line
+                for doc in documents:
+                    stopped = {"type": "RunStopped", "message": "not started: the run stopped (insufficient quota)"}
+                    writer.put(doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped})
+                writer.flush(source.invalid)
+            refresh()
+    if source.invalid or writer.written < total:
+        code = max(code, 1)
+    err.print(_summary(orch.stats, time.perf_counter() - started, writer.written, len(source.invalid)))
+    return code
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")],
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
+    backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
+    model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Most calls in flight.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
+    attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
+    context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    text_field: Annotated[str, typer.Option(help="Input field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
+    simulate: Annotated[bool, typer.Option(help="Run against the built-in simulator (no API key, no network).")] = False,
+    simulate_oracle: Annotated[Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")] = None,
+    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
+    simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
+) -> None:
+    """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
+    tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
+    stack = contextlib.ExitStack()
+    with stack:
+        if simulate or simulate_oracle is not None:
+            from .testing import run_in_thread
+
+            config = _simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
+            base_url = stack.enter_context(run_in_thread(config)).base_url
+        the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)
+        options = {"max_concurrency": concurrency, "retry": RetryPolicy(attempts=attempts), "context_sentences": context}
+        source = _Input(input, text_field, id_field)
+        with output.open("w", encoding="utf-8") as out:
+            code = anyio.run(_run, the_backend, tasks, source, out, options, progress and sys.stderr.isatty())
+    raise typer.Exit(code)
+
+
+def _make_backend(kind: str, model: str | None, base_url: str | None, rpm: float | None, tpm: float | None,
+                  timeout: float) -> Backend:
+    try:
+        if kind == "openai":
+            from .backends.openai import OpenAIBackend
+
+            return OpenAIBackend(model or "gpt-4o-mini", base_url=base_url, rpm=rpm, tpm=tpm, timeout=timeout)
+        if kind == "local":
+            from .backends.transformers import TransformersBackend
+
+            return TransformersBackend(model)
+    except PolytaskError as error:
+        err.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    raise typer.BadParameter(f"unknown backend {kind!r}; expected openai or local", param_hint="--backend")
+
+
+@app.command()
+def simulate(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit to enforce.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit to enforce.")] = None,
+    latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
+    oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
+    faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
+) -> None:
+    """Serve the OpenAI-compatible simulator until Ctrl-C."""
+    from .testing import serve
+
+    serve(_simulator_config(rpm, tpm, latency, oracle, faults), host, port)
+
+
+def _simulator_config(
+    rpm: float | None, tpm: float | None, latency: float, oracle: Path | None, faults: float
+) -> Any:
+    """A simulator configuration whose transient faults (429, 500, 503, connection reset) add up to ``faults``."""
+    from .testing import FaultRates, SimulatorConfig
+
+    share = faults / 4
+    return SimulatorConfig(
+        rpm=rpm,
+        tpm=tpm,
+        latency=latency,
+        latency_sigma=0.5 if latency else 0.0,
+        gold_path=oracle,
+        faults=FaultRates(rate_limit=share, server_error=share, unavailable=share, reset=share),
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,491 @@
+"""Documents → sentences → (sentence, task) calls → validated answers → merged documents, streamed.
+
+One run ("job") is a producer and ``max_concurrency`` workers in an anyio task group:
+
+- the producer reads documents lazily (at most ``max_pending_documents`` unfinished at a time, so input of any
+  length streams in bounded memory), splits them into sentences and queues one pair per (sentence, task);
+- each worker takes pairs first in, first out, so earlier documents finish first; a pair goes through the rate
+  limiter, the backend, the retry policy and validation (one re-ask on an invalid answer) and always ends as a
+  validated answer or a typed error;
+- the worker that completes a document's last pair merges it and emits it.
+
+A 429 ``insufficient_quota`` stops the run: queued pairs are marked ``RunStopped``, every document already taken in
+is emitted (partial), and then the error is raised. Nothing that was done is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import ValidationError
+
+from .backends.base import Backend, ChatRequest, ChatResponse
+from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
+from .exceptions import (
+    AnswerValidationError,
+    ConfigurationError,
+    InputError,
+    LengthLimitError,
+    PolytaskError,
+    QuotaExceededError,
+    RateLimitError,
+    RefusalError,
+)
+from .limits import Clock, MonotonicClock, RateLimiter
+from .prompts import build_messages, estimate_tokens, reask_messages
+from .retry import RetryPolicy
+from .segment import segment
+from .tasks.base import Task
+
+__all__ = ["DocumentInput", "Orchestrator", "RunStats", "run_sync"]
+
+logger = logging.getLogger("polytask")
+
+DocumentInput = str | tuple[str, str] | Document | dict[str, Any]
+"""A document as callers may pass it: its text, an ``(id, text)`` pair, a :class:`Document`, or a dict with
+``text`` (and optionally ``id``; other keys become metadata)."""
+
+
+class RunStopped(PolytaskError):
+    """A pair was not sent because the run stopped (insufficient quota, or the input failed)."""
+
+
+@dataclass
+class RunStats:
+    """Live counters of a run, for progress bars and summaries (all counts since the orchestrator was created)."""
+
+    documents_in: int = 0
+    documents_done: int = 0
+    documents_partial: int = 0
+    pairs_done: int = 0
+    pairs_failed: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    reasks: int = 0
+
+
+@dataclass
+class _DocState:
+    position: int
+    document: Document
+    sentences: list[Sentence]
+    tasks: Sequence[Task[Any]]
+    pairs: dict[tuple[int, str], PairResult] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    started: float | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.sentences) * len(self.tasks)
+
+
+@dataclass
+class _Pair:
+    state: _DocState
+    sentence: Sentence
+    task: Task[Any]
+
+
+@dataclass
+class _Job:
+    out: MemoryObjectSendStream[tuple[int, DocumentResult]]
+    pending: anyio.Semaphore
+    fatal: BaseException | None = None
+    input_error: InputError | None = None
+    stop_reading: bool = False
+
+
+def _coerce(item: Any, position: int) -> Document:
+    if isinstance(item, Document):
+        return item
+    if isinstance(item, str):
+        return Document(id=str(position), text=item)
+    if isinstance(item, tuple) and len(item) == 2:
+        doc_id, text = item
+        if not isinstance(text, str):
+            raise InputError(f"document {position}: text must be a string, got {type(text).__name__}", field="text")
+        return Document(id=str(doc_id), text=text)
+    if isinstance(item, dict):
+        text = item.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text")
+        rest = {k: v for k, v in item.items() if k not in ("id", "text")}
+        return Document(id=str(item.get("id", position)), text=text, metadata=rest)
+    raise InputError(
+        f"document {position}: expected a str, an (id, text) pair, a Document or a dict, got {type(item).__name__}"
+    )
+
+
+async def _aiter(documents: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(documents, AsyncIterable):
+        async for item in documents:
+            yield item
+    else:
+        for item in documents:
+            yield item
+
+
+class Orchestrator:
+    """Runs every task on every sentence of every document through one backend.
+
+    Args:
+        backend: where calls go (:class:`~polytask.OpenAIBackend`, the transformers backend, …).
+        tasks: the tasks to run on every sentence (names must be unique).
+        max_concurrency: the most calls in flight (default 64).
+        retry: the retry policy (default :class:`~polytask.RetryPolicy`).
+        rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: use the backend's).
+        limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
+        context_sentences: neighbouring sentences passed as context on each side (default 0).
+        max_sentence_chars: sentences longer than this many characters are split (default 1,000).
+        max_pending_documents: documents read ahead of the slowest unfinished one (default ``max(64, 2 ×
+            max_concurrency)``): bounds memory for input of any length.
+        temperature: sampling temperature of every call (default 0).
+        clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
+        segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
+
+    Use it as an async context manager; ``stream`` needs it, ``run`` and ``process`` work either way::
+
+        async with pt.Orchestrator(backend, tasks=[pt.Sentiment(), pt.Entities()]) as orch:
+            async for doc in orch.stream(documents):
+                print(doc.id, doc.results["sentiment"].label)
+
+    Raises:
+        ConfigurationError: no tasks, duplicate task names, or a bad number.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        tasks: Sequence[Task[Any]],
+        *,
+        max_concurrency: int = 64,
+        retry: RetryPolicy | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        limiter: RateLimiter | None = None,
+        context_sentences: int = 0,
+        max_sentence_chars: int = 1000,
+        max_pending_documents: int | None = None,
+        temperature: float = 0.0,
+        clock: Clock | None = None,
+        segmenter: Callable[..., list[Sentence]] = segment,
+    ) -> None:
+        tasks = list(tasks)
+        if not tasks:
+            raise ConfigurationError("at least one task is needed")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"task names must be unique, got {names}")
+        if max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
+        if context_sentences < 0:
+            raise ConfigurationError(f"context_sentences must be ≥ 0, got {context_sentences}")
+        self.backend = backend
+        self.tasks = tasks
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryPolicy()
+        self.clock: Clock = clock or (limiter.clock if limiter else MonotonicClock())
+        rpm = rpm if rpm is not None else getattr(backend, "rpm", None)
+        tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
+        self.limiter = limiter or (RateLimiter(rpm, tpm, clock=self.clock) if rpm or tpm else None)
+        self.context_sentences = context_sentences
+        self.max_sentence_chars = max_sentence_chars
+        self.max_pending_documents = max_pending_documents or max(64, 2 * max_concurrency)
+        self.temperature = temperature
+        self.segmenter = segmenter
+        self.stats = RunStats()
+        self._slots = anyio.CapacityLimiter(max_concurrency)
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Orchestrator:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(*exc_info)
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    async def stream(
+        self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput], *, ordered: bool = False
+    ) -> AsyncIterator[DocumentResult]:
+        """Each document's merged result as soon as the document is complete.
+
+        Args:
+            documents: any iterable or async iterable of :data:`DocumentInput`, of any length (read lazily).
+            ordered: yield in input order instead of completion order (later documents wait in a buffer).
+
+        Yields:
+            :class:`DocumentResult`, one per input document.
+
+        Raises:
+            QuotaExceededError: after yielding every document taken in (their unsent pairs marked ``RunStopped``).
+            InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
+            RuntimeError: used outside ``async with``.
+        """
+        if self._tg is None:
+            raise RuntimeError("use `async with Orchestrator(...) as orch:` around orch.stream(...)")
+        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](self.max_pending_documents)
+        scope = anyio.CancelScope()
+        job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
+        done = anyio.Event()
+
+        async def run_job() -> None:
+            with scope:
+                try:
+                    await self._run_job(documents, job)
+                except Exception as error:  # delivered to the consumer, not to the orchestrator's task group
+                    job.fatal = job.fatal or error
+                finally:
+                    send.close()
+                    done.set()
+
+        self._tg.start_soon(run_job)
+        try:
+            async with receive:
+                if ordered:
+                    buffer: dict[int, DocumentResult] = {}
+                    want = 0
+                    async for position, result in receive:
+                        buffer[position] = result
+                        while want in buffer:
+                            yield buffer.pop(want)
+                            want += 1
+                    for position in sorted(buffer):
+                        yield buffer.pop(position)
+                else:
+                    async for _, result in receive:
+                        yield result
+            await done.wait()
+            if job.fatal is not None:
+                raise job.fatal
+        finally:
+            scope.cancel()
+
+    async def run(self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]) -> list[DocumentResult]:
+        """Every document's result, in input order. Raises as :meth:`stream` does."""
+        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](math.inf)
+        job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
+        results: dict[int, DocumentResult] = {}
+        async with send, receive:
+            await self._run_job(documents, job)
+            send.close()
+            async for position, result in receive:
+                results[position] = result
+        if job.fatal is not None:
+            raise job.fatal
+        return [results[i] for i in sorted(results)]
+
+    async def process(self, document: DocumentInput) -> DocumentResult:
+        """One document's result. Cancellation-safe: cancelling the caller cancels its calls and nothing else."""
+        return (await self.run([document]))[0]
+
+    # -- the job -----------------------------------------------------------------------------------------------
+
+    async def _run_job(self, documents: Iterable[Any] | AsyncIterable[Any], job: _Job) -> None:
+        send, receive = anyio.create_memory_object_stream[_Pair](self.max_concurrency)
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.max_concurrency):
+                tg.start_soon(self._worker, receive.clone(), job)
+            receive.close()
+            async with send:
+                await self._produce(documents, send, job)
+        if job.fatal is None and job.input_error is not None:
+            job.fatal = job.input_error
+
+    async def _produce(self, documents: Iterable[Any] | AsyncIterable[Any], send: MemoryObjectSendStream[_Pair], job: _Job) -> None:
+        position = 0
+        async for item in _aiter(documents):
+            if job.stop_reading:
+                break
+            try:
+                document = _coerce(item, position)
+            except InputError as error:
+                job.input_error = error
+                break
+            await job.pending.acquire()
+            sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
+            state = _DocState(position, document, sentences, self.tasks)
+            self.stats.documents_in += 1
+            position += 1
+            if state.total == 0:
+                await self._finish(state, job)
+                continue
+            for sentence in sentences:
+                for task in self.tasks:
+                    await send.send(_Pair(state, sentence, task))
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[_Pair], job: _Job) -> None:
+        async with receive:
+            async for pair in receive:
+                state = pair.state
+                if state.started is None:
+                    state.started = self.clock.now()
+                if job.fatal is not None:
+                    result = self._failed(pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0)
+                else:
+                    result = await self._run_pair(pair, job)
+                state.pairs[(pair.sentence.index, pair.task.name)] = result
+                self.stats.pairs_done += 1
+                if result.error is not None:
+                    self.stats.pairs_failed += 1
+                if len(state.pairs) == state.total:
+                    await self._finish(state, job)
+
+    def _failed(self, pair: _Pair, error: BaseException, attempts: int) -> PairResult:
+        return PairResult(
+            sentence=pair.sentence.index,
+            task=pair.task.name,
+            error=ErrorInfo.from_exception(error, attempts),
+            attempts=attempts,
+        )
+
+    async def _run_pair(self, pair: _Pair, job: _Job) -> PairResult:
+        task, sentence, state = pair.task, pair.sentence, pair.state
+        n = self.context_sentences
+        before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
+        after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
+        messages = build_messages(task, sentence.text, context_before=before, context_after=after)
+        attempts = 0
+        reasked = False
+
+        async def call(msgs: list[dict[str, str]]) -> ChatResponse:
+            request = ChatRequest(
+                messages=msgs,
+                schema_name=task.name,
+                json_schema=task.json_schema(),
+                max_tokens=task.max_tokens,
+                temperature=self.temperature,
+                prompt_tokens_estimate=estimate_tokens(msgs),
+            )
+
+            async def attempt() -> ChatResponse:
+                nonlocal attempts
+                async with self._slots:
+                    reservation = await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
+                    attempts += 1
+                    self.stats.requests += 1
+                    state.usage.requests += 1
+                    try:
+                        response = await self.backend.complete(request)
+                    except RateLimitError as error:
+                        self.stats.rate_limited += 1
+                        if error.retry_after and self.limiter and not isinstance(error, QuotaExceededError):
+                            self.limiter.pause(error.retry_after)
+                        raise
+                state.usage.prompt_tokens += response.prompt_tokens
+                state.usage.completion_tokens += response.completion_tokens
+                self.stats.prompt_tokens += response.prompt_tokens
+                self.stats.completion_tokens += response.completion_tokens
+                if reservation is not None and self.limiter is not None:
+                    self.limiter.settle(
+                        reservation,
+                        prompt_tokens=response.prompt_tokens,
+                        completion_tokens=response.completion_tokens,
+                        max_tokens=request.max_tokens,
+                    )
+                if response.finish_reason == "length":
+                    raise LengthLimitError(f"the answer was cut off at max_tokens={request.max_tokens}")
+                if response.refusal:
+                    raise RefusalError(response.refusal)
+                return response
+
+            def on_retry(error: BaseException, wait: float) -> None:
+                self.stats.retries += 1
+                logger.debug("retrying %s/%s in %.2fs after %s: %s", state.document.id, task.name, wait,
+                             type(error).__name__, error)
+
+            return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry)
+
+        try:
+            response = await call(messages)
+            try:
+                answer = task.parse(response.content or "")
+            except ValidationError as error:
+                reasked = True
+                self.stats.reasks += 1
+                response = await call(reask_messages(messages, response.content or "", _short(error)))
+                try:
+                    answer = task.parse(response.content or "")
+                except ValidationError as again:
+                    raise AnswerValidationError(
+                        f"invalid answer after one re-ask: {_short(again)}", content=response.content or ""
+                    ) from None
+            value = task.postprocess(state.document.text, sentence, answer)
+        except QuotaExceededError as error:
+            job.fatal = job.fatal or error
+            job.stop_reading = True
+            return self._failed(pair, error, attempts)
+        except Exception as error:  # every pair ends as a typed error, whatever failed
+            if not isinstance(error, PolytaskError):
+                logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
+            return self._failed(pair, error, attempts)
+        return PairResult(sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked)
+
+    async def _finish(self, state: _DocState, job: _Job) -> None:
+        pairs = [state.pairs[(s.index, t.name)] for s in state.sentences for t in self.tasks]
+        results: dict[str, Any] = {}
+        for task in self.tasks:
+            answers = [state.pairs[(s.index, task.name)].answer for s in state.sentences]
+            try:
+                results[task.name] = task.merge(state.document.text, state.sentences, answers)
+            except Exception as error:  # a user's merge must not lose the document
+                logger.warning("merge of task %s failed on document %s: %r", task.name, state.document.id, error)
+                results[task.name] = None
+                pairs.append(PairResult(sentence=-1, task=task.name, error=ErrorInfo.from_exception(error)))
+        partial = any(p.error is not None for p in pairs)
+        now = self.clock.now()
+        result = DocumentResult(
+            id=state.document.id,
+            text=state.document.text,
+            metadata=state.document.metadata,
+            sentences=state.sentences,
+            results=results,
+            pairs=pairs,
+            partial=partial,
+            usage=state.usage,
+            elapsed=round(now - state.started, 6) if state.started is not None else 0.0,
+        )
+        self.stats.documents_done += 1
+        self.stats.documents_partial += int(partial)
+        job.pending.release()
+        await job.out.send((state.position, result))
+
+
+def _short(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:10])
+
+
+def run_sync(
+    backend: Backend,
+    tasks: Sequence[Task[Any]],
+    documents: Iterable[DocumentInput],
+    **options: Any,
+) -> list[DocumentResult]:
+    """Run every task on every document and return the results in input order; for scripts.
+
+    A thin ``anyio.run`` wrapper (no nest_asyncio): call it where no event loop is running. ``options`` go to
+    :class:`Orchestrator`. The backend is closed afterwards.
+    """
+
+    async def main() -> list[DocumentResult]:
+        try:
+            return await Orchestrator(backend, tasks, **options).run(documents)
+        finally:
+            await backend.aclose()
+
+    return anyio.run(main)

@@ -1,0 +1,115 @@
+"""Retry policy by failure kind, on tenacity.
+
+Retried (exponential backoff with full jitter added, never shorter than the server's Retry-After): 408, 409,
+429 (except ``insufficient_quota``), 5xx, timeouts, connection errors and malformed 200 bodies.
+Never retried: 400, 401, 403, 404, 422, ``insufficient_quota``, refusals, ``finish_reason == "length"``,
+requests larger than the TPM limit, and cancellation (tenacity only sees ``Exception``; anyio's cancellation is a
+``BaseException`` and passes straight through).
+
+Backoff after attempt *n* (1-based): ``min(wait_max, wait_initial · wait_exp_base^(n-1)) + U(0, wait_jitter)``
+seconds, then raised to the server's ``retry_after`` if that is longer (the scheme of tenacity's
+``wait_exponential_jitter`` and stamina).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
+
+from .exceptions import (
+    APIConnectionError,
+    MalformedResponseError,
+    QuotaExceededError,
+    RateLimitError,
+    ServerError,
+)
+
+__all__ = ["RetryPolicy", "is_retryable"]
+
+T = TypeVar("T")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt could succeed where this one failed."""
+    if isinstance(exc, QuotaExceededError):
+        return False
+    return isinstance(exc, RateLimitError | ServerError | APIConnectionError | MalformedResponseError)
+
+
+class RetryPolicy(BaseModel):
+    """How often and how long to retry one call.
+
+    Attributes:
+        attempts: the most attempts per call, the first included (default 6).
+        timeout: the most seconds spent on one call across its attempts, or None (default None).
+        wait_initial: the first backoff, seconds (default 0.5).
+        wait_max: the largest backoff before jitter, seconds (default 30).
+        wait_exp_base: growth factor per attempt (default 2).
+        wait_jitter: the most random seconds added to each backoff (default 1).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempts: int = Field(6, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    wait_initial: float = Field(0.5, ge=0)
+    wait_max: float = Field(30.0, ge=0)
+    wait_exp_base: float = Field(2.0, ge=1)
+    wait_jitter: float = Field(1.0, ge=0)
+
+    def backoff(self, attempt: int, exc: BaseException | None, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based) that raised ``exc``."""
+        wait = min(self.wait_max, self.wait_initial * self.wait_exp_base ** (attempt - 1))
+        wait += (rng or random).uniform(0, self.wait_jitter)
+        server = getattr(exc, "retry_after", None)
+        return max(wait, server) if server is not None else wait
+
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        sleep: Callable[[float], Awaitable[None]],
+        on_retry: Callable[[BaseException, float], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> T:
+        """Run ``fn`` until it succeeds, fails with a non-retryable error, or the policy is spent.
+
+        Args:
+            fn: one attempt.
+            sleep: how to wait (an injected clock's sleep in tests).
+            on_retry: called with the error and the backoff in seconds before each wait.
+            rng: the random source of the jitter.
+
+        Returns:
+            ``fn``'s result.
+
+        Raises:
+            The last attempt's error.
+        """
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return self.backoff(state.attempt_number, exc, rng)
+
+        def before_sleep(state: RetryCallState) -> None:
+            if on_retry and state.outcome and state.next_action:
+                exc = state.outcome.exception()
+                if exc is not None:
+                    on_retry(exc, state.next_action.sleep)
+
+        stop = stop_after_attempt(self.attempts)
+        if self.timeout is not None:
+            stop = stop | stop_after_delay(self.timeout)
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception(is_retryable),
+            sleep=sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return await retrying(fn)

@@ -1,0 +1,101 @@
+"""Align entity strings returned by a model to character offsets in the sentence they came from.
+
+Rules, in order, for each entity (in the model's order):
+
+1. exact match of the entity text;
+2. a match after Unicode NFKC normalization, case folding and whitespace collapsing, mapped back to the
+   original offsets;
+
+Repeated mentions of the same text take successive occurrences left to right, preferring an occurrence that does
+not overlap a mention aligned before it (so "New Orleans" after "New Orleans Habitat" lands on its own occurrence,
+not inside the longer name). An entity found by neither rule is returned unaligned (offsets None), never dropped
+and never placed at an invented position.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Alignment", "align_mentions"]
+
+
+@dataclass(frozen=True, slots=True)
+class Alignment:
+    """Where one mention lies in the sentence: ``[start, end)`` (None when unaligned) and how it was found."""
+
+    start: int | None
+    end: int | None
+    match: Literal["exact", "normalized"] | None
+
+
+def _normalize(text: str) -> tuple[str, list[int]]:
+    """Normalized text and, for each of its characters, the index of the source character it came from."""
+    out: list[str] = []
+    index: list[int] = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            if out and out[-1] == " ":
+                continue
+            out.append(" ")
+            index.append(i)
+            continue
+        for n in unicodedata.normalize("NFKC", ch).casefold():
+            out.append(n)
+            index.append(i)
+    return "".join(out), index
+
+
+def _find(haystack: str, needle: str, start: int, taken: list[tuple[int, int]]) -> int:
+    """First occurrence of ``needle`` at or after ``start`` that overlaps no span in ``taken``; else the first
+    occurrence at all; -1 when there is none."""
+    first = at = haystack.find(needle, start)
+    while at >= 0:
+        if all(at >= e or at + len(needle) <= s for s, e in taken):
+            return at
+        at = haystack.find(needle, at + 1)
+    return first
+
+
+def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
+    """Offsets of each mention in ``sentence``.
+
+    Args:
+        sentence: the sentence text.
+        mentions: entity texts in the order the model gave them.
+
+    Returns:
+        One :class:`Alignment` per mention, in the same order; offsets are ``str`` indices into ``sentence``.
+    """
+    norm_sentence: tuple[str, list[int]] | None = None
+    exact_cursor: dict[str, int] = {}
+    norm_cursor: dict[str, int] = {}
+    out: list[Alignment] = []
+    taken: list[tuple[int, int]] = []
+    for mention in mentions:
+        text = mention.strip()
+        if not text:
+            out.append(Alignment(None, None, None))
+            continue
+        at = _find(sentence, text, exact_cursor.get(text, 0), taken)
+        if at >= 0:
+            exact_cursor[text] = at + len(text)
+            taken.append((at, at + len(text)))
+            out.append(Alignment(at, at + len(text), "exact"))
+            continue
+        if norm_sentence is None:
+            norm_sentence = _normalize(sentence)
+        haystack, index = norm_sentence
+        needle = _normalize(text)[0].strip()
+        norm_taken = [(index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index]
+        at = _find(haystack, needle, norm_cursor.get(needle, 0), norm_taken) if needle else -1
+        if at < 0:
+            out.append(Alignment(None, None, None))
+            continue
+        norm_cursor[needle] = at + len(needle)
+        start, end = index[at], index[at + len(needle) - 1] + 1
+        taken.append((start, end))
+        out.append(Alignment(start, end, "normalized"))
+    return out

@@ -1,0 +1,87 @@
+"""Classification of each sentence into the caller's labels, merged into per-label shares per document."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from ..documents import Sentence
+from ..exceptions import ConfigurationError
+from .base import Task
+
+__all__ = ["Classify", "DocumentLabels"]
+
+
+class DocumentLabels(BaseModel):
+    """A document's classification.
+
+    Attributes:
+        shares: label → share of the classified sentences carrying it, in [0, 1].
+        top: the label(s) with the highest share (ties all listed; empty when nothing was classified).
+            With ``multi_label``, every label carried by at least half the sentences, or the top one.
+        coverage: share of sentences classified successfully.
+    """
+
+    shares: dict[str, float]
+    top: list[str]
+    coverage: float
+
+
+class Classify(Task[BaseModel]):
+    """Classify each sentence into one of ``labels`` (or several, with ``multi_label=True``).
+
+    Args:
+        labels: the label set (at least two distinct, non-empty strings).
+        multi_label: allow several labels per sentence (then zero labels is allowed too).
+        name: result key (default ``"classify"``).
+        instruction: replaces the default instruction (the label list is appended).
+
+    Raises:
+        ConfigurationError: fewer than two labels, duplicates, or empty labels.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        *,
+        multi_label: bool = False,
+        name: str = "classify",
+        instruction: str | None = None,
+    ) -> None:
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+            raise ConfigurationError(f"Classify needs at least two distinct non-empty labels, got {labels!r}")
+        self.labels = labels
+        self.multi_label = multi_label
+        choice = Literal[tuple(labels)]  # type: ignore[valid-type]
+        answer: type[BaseModel]
+        if multi_label:
+            answer = create_model(
+                "ClassifyAnswer", __config__=ConfigDict(extra="forbid"), labels=(list[choice], ...)  # type: ignore[call-overload]
+            )
+            default = "Give every label that applies to the sentence (possibly none)."
+        else:
+            answer = create_model(
+                "ClassifyAnswer", __config__=ConfigDict(extra="forbid"), label=(choice, ...)  # type: ignore[call-overload]
+            )
+            default = "Give the one label that best fits the sentence."
+        super().__init__(
+            name, answer, f"{instruction or default} Labels: {', '.join(labels)}.", max_tokens=16 + 12 * len(labels)
+        )
+
+    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentLabels:
+        known = [a for a in answers if a is not None]
+        counts = dict.fromkeys(self.labels, 0)
+        for a in known:
+            for label in set(a.labels) if self.multi_label else {a.label}:
+                counts[label] += 1
+        n = len(known)
+        shares = {label: round(c / n, 4) if n else 0.0 for label, c in counts.items()}
+        best = max(counts.values()) if n else 0
+        top = [label for label, c in counts.items() if best and c == best]
+        if self.multi_label and n:
+            top = [label for label, s in shares.items() if s >= 0.5] or top
+        coverage = n / len(sentences) if sentences else 1.0
+        return DocumentLabels(shares=shares, top=top, coverage=round(coverage, 4))
