@@ -27,7 +27,9 @@ from .orchestrator import Orchestrator, RunStats
 from .retry import RetryPolicy
 from .tasks import Classify, Entities, Sentiment, Task
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence."
+)
 err = Console(stderr=True)
 
 TASK_HELP = "sentiment | entities | classify=LABEL1,LABEL2[,…] (repeatable; default: sentiment and entities)"
@@ -42,7 +44,9 @@ def parse_task(spec: str) -> Task[Any]:
     if name == "entities" and not arg:
         return Entities()
     if name in ("classify", "classify-multi") and arg:
-        return Classify([x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi")
+        return Classify(
+            [x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi"
+        )
     raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
 
 
@@ -51,7 +55,8 @@ class _Input:
 
     def __init__(self, path: Path, text_field: str, id_field: str) -> None:
         self.path, self.text_field, self.id_field = path, text_field, id_field
-        self.invalid: dict[int, dict[str, Any]] = {}  # sequence number → output record
+        self.invalid: dict[int, dict[str, Any]] = {}  # sequence number → output record not yet written
+        self.invalid_count = 0
         self.read = 0  # documents (valid or not) read so far
 
     def count(self) -> int:
@@ -62,9 +67,15 @@ class _Input:
         try:
             data = json.loads(line)
         except ValueError as error:
-            return {"line": number, "error": {"type": "InputError", "message": f"line {number}: invalid JSON: {error}"}}
+            return {
+                "line": number,
+                "error": {"type": "InputError", "message": f"line {number}: invalid JSON: {error}"},
+            }
         if not isinstance(data, dict):
-            return {"line": number, "error": {"type": "InputError", "message": f"line {number}: not a JSON object"}}
+            return {
+                "line": number,
+                "error": {"type": "InputError", "message": f"line {number}: not a JSON object"},
+            }
         text = data.get(self.text_field)
         doc_id = str(data.get(self.id_field, number))
         if not isinstance(text, str):
@@ -86,6 +97,7 @@ class _Input:
                 else:
                     err.print(f"[yellow]skipped[/] {record['error']['message']}")
                     self.invalid[seq] = record
+                    self.invalid_count += 1
 
 
 class _Writer:
@@ -122,10 +134,16 @@ def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tab
     table = Table(title="polytask run", show_header=False)
     rows = [
         ("documents written", f"{written}"),
-        ("documents complete / partial", f"{stats.documents_done - stats.documents_partial} / {stats.documents_partial}"),
+        (
+            "documents complete / partial",
+            f"{stats.documents_done - stats.documents_partial} / {stats.documents_partial}",
+        ),
         ("invalid input lines", f"{invalid}"),
         ("pairs ok / failed", f"{stats.pairs_done - stats.pairs_failed} / {stats.pairs_failed}"),
-        ("requests", f"{stats.requests} ({stats.requests / elapsed:.1f}/s)" if elapsed else f"{stats.requests}"),
+        (
+            "requests",
+            f"{stats.requests} ({stats.requests / elapsed:.1f}/s)" if elapsed else f"{stats.requests}",
+        ),
         ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
         ("elapsed", f"{elapsed:.1f} s"),
@@ -136,7 +154,12 @@ def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tab
 
 
 async def _run(
-    backend: Backend, tasks: list[Task[Any]], source: _Input, out: TextIO, options: dict[str, Any], progress: bool
+    backend: Backend,
+    tasks: list[Task[Any]],
+    source: _Input,
+    out: TextIO,
+    options: dict[str, Any],
+    progress: bool,
 ) -> int:
     total = source.count()
     writer = _Writer(out)
@@ -182,24 +205,35 @@ async def _run(
             writer.flush(source.invalid)
             if code == 2:  # what was never started still gets its output line
                 for doc in documents:
-                    stopped = {"type": "RunStopped", "message": "not started: the run stopped (insufficient quota)"}
-                    writer.put(doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped})
+                    stopped = {
+                        "type": "RunStopped",
+                        "message": "not started: the run stopped (insufficient quota)",
+                    }
+                    writer.put(
+                        doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped}
+                    )
                 writer.flush(source.invalid)
             refresh()
-    if source.invalid or writer.written < total:
+    if source.invalid_count or writer.written < total:
         code = max(code, 1)
-    err.print(_summary(orch.stats, time.perf_counter() - started, writer.written, len(source.invalid)))
+    err.print(_summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count))
     return code
 
 
 @app.command()
 def run(
-    input: Annotated[Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")],
+    input: Annotated[
+        Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")
+    ],
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
     backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
     model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")
+    ] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
     concurrency: Annotated[int, typer.Option(help="Most calls in flight.")] = 64,
@@ -208,9 +242,18 @@ def run(
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
     text_field: Annotated[str, typer.Option(help="Input field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
-    simulate: Annotated[bool, typer.Option(help="Run against the built-in simulator (no API key, no network).")] = False,
-    simulate_oracle: Annotated[Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")] = None,
-    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            help="Run against the built-in simulator (no API key, no network); implied by --simulate-*."
+        ),
+    ] = False,
+    simulate_oracle: Annotated[
+        Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")
+    ] = None,
+    simulate_faults: Annotated[
+        float, typer.Option(help="Share of simulated calls that fail transiently.")
+    ] = 0.0,
     simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
 ) -> None:
@@ -218,21 +261,26 @@ def run(
     tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
     stack = contextlib.ExitStack()
     with stack:
-        if simulate or simulate_oracle is not None:
+        if simulate or simulate_oracle is not None or simulate_faults or simulate_latency:
             from .testing import run_in_thread
 
             config = _simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
             base_url = stack.enter_context(run_in_thread(config)).base_url
         the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)
-        options = {"max_concurrency": concurrency, "retry": RetryPolicy(attempts=attempts), "context_sentences": context}
+        options = {
+            "max_concurrency": concurrency,
+            "retry": RetryPolicy(attempts=attempts),
+            "context_sentences": context,
+        }
         source = _Input(input, text_field, id_field)
         with output.open("w", encoding="utf-8") as out:
             code = anyio.run(_run, the_backend, tasks, source, out, options, progress and sys.stderr.isatty())
     raise typer.Exit(code)
 
 
-def _make_backend(kind: str, model: str | None, base_url: str | None, rpm: float | None, tpm: float | None,
-                  timeout: float) -> Backend:
+def _make_backend(
+    kind: str, model: str | None, base_url: str | None, rpm: float | None, tpm: float | None, timeout: float
+) -> Backend:
     try:
         if kind == "openai":
             from .backends.openai import OpenAIBackend
@@ -256,7 +304,9 @@ def simulate(
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit to enforce.")] = None,
     latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
     oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
-    faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
+    faults: Annotated[
+        float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")
+    ] = 0.0,
 ) -> None:
     """Serve the OpenAI-compatible simulator until Ctrl-C."""
     from .testing import serve

@@ -65,7 +65,9 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
     )
 
 
-def parse_retry_after(headers: Mapping[str, str], *, wall_clock: Callable[[], float] = time.time) -> float | None:
+def parse_retry_after(
+    headers: Mapping[str, str], *, wall_clock: Callable[[], float] = time.time
+) -> float | None:
     """Seconds the server asks to wait before the next request, or None when it does not say.
 
     Order: ``retry-after-ms``, then ``retry-after`` (seconds or HTTP date, against ``wall_clock``), then the
@@ -100,4 +102,3 @@ def parse_retry_after(headers: Mapping[str, str], *, wall_clock: Callable[[], fl
         return max(exhausted)
     known = [reset for _, reset in resets.values() if reset is not None]
     return min(known) if known else None
-

@@ -113,12 +113,16 @@ def _coerce(item: Any, position: int) -> Document:
     if isinstance(item, tuple) and len(item) == 2:
         doc_id, text = item
         if not isinstance(text, str):
-            raise InputError(f"document {position}: text must be a string, got {type(text).__name__}", field="text")
+            raise InputError(
+                f"document {position}: text must be a string, got {type(text).__name__}", field="text"
+            )
         return Document(id=str(doc_id), text=text)
     if isinstance(item, dict):
         text = item.get("text")
         if not isinstance(text, str):
-            raise InputError(f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text")
+            raise InputError(
+                f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text"
+            )
         rest = {k: v for k, v in item.items() if k not in ("id", "text")}
         return Document(id=str(item.get("id", position)), text=text, metadata=rest)
     raise InputError(
@@ -239,7 +243,9 @@ class Orchestrator:
         """
         if self._tg is None:
             raise RuntimeError("use `async with Orchestrator(...) as orch:` around orch.stream(...)")
-        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](self.max_pending_documents)
+        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](
+            self.max_pending_documents
+        )
         scope = anyio.CancelScope()
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
         done = anyio.Event()
@@ -276,7 +282,9 @@ class Orchestrator:
         finally:
             scope.cancel()
 
-    async def run(self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]) -> list[DocumentResult]:
+    async def run(
+        self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]
+    ) -> list[DocumentResult]:
         """Every document's result, in input order. Raises as :meth:`stream` does."""
         send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](math.inf)
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
@@ -307,7 +315,9 @@ class Orchestrator:
         if job.fatal is None and job.input_error is not None:
             job.fatal = job.input_error
 
-    async def _produce(self, documents: Iterable[Any] | AsyncIterable[Any], send: MemoryObjectSendStream[_Pair], job: _Job) -> None:
+    async def _produce(
+        self, documents: Iterable[Any] | AsyncIterable[Any], send: MemoryObjectSendStream[_Pair], job: _Job
+    ) -> None:
         position = 0
         async for item in _aiter(documents):
             if job.stop_reading:
@@ -336,7 +346,9 @@ class Orchestrator:
                 if state.started is None:
                     state.started = self.clock.now()
                 if job.fatal is not None:
-                    result = self._failed(pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0)
+                    result = self._failed(
+                        pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0
+                    )
                 else:
                     result = await self._run_pair(pair, job)
                 state.pairs[(pair.sentence.index, pair.task.name)] = result
@@ -346,19 +358,28 @@ class Orchestrator:
                 if len(state.pairs) == state.total:
                     await self._finish(state, job)
 
-    def _failed(self, pair: _Pair, error: BaseException, attempts: int) -> PairResult:
+    def _failed(self, pair: _Pair, error: BaseException, attempts: int, reasked: bool = False) -> PairResult:
         return PairResult(
             sentence=pair.sentence.index,
             task=pair.task.name,
             error=ErrorInfo.from_exception(error, attempts),
             attempts=attempts,
+            reasked=reasked,
         )
 
     async def _run_pair(self, pair: _Pair, job: _Job) -> PairResult:
         task, sentence, state = pair.task, pair.sentence, pair.state
         n = self.context_sentences
-        before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
-        after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
+        before = (
+            " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index])
+            if n
+            else None
+        )
+        after = (
+            " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n])
+            if n
+            else None
+        )
         messages = build_messages(task, sentence.text, context_before=before, context_after=after)
         attempts = 0
         reasked = False
@@ -376,7 +397,9 @@ class Orchestrator:
             async def attempt() -> ChatResponse:
                 nonlocal attempts
                 async with self._slots:
-                    reservation = await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
+                    reservation = (
+                        await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
+                    )
                     attempts += 1
                     self.stats.requests += 1
                     state.usage.requests += 1
@@ -406,8 +429,14 @@ class Orchestrator:
 
             def on_retry(error: BaseException, wait: float) -> None:
                 self.stats.retries += 1
-                logger.debug("retrying %s/%s in %.2fs after %s: %s", state.document.id, task.name, wait,
-                             type(error).__name__, error)
+                logger.debug(
+                    "retrying %s/%s in %.2fs after %s: %s",
+                    state.document.id,
+                    task.name,
+                    wait,
+                    type(error).__name__,
+                    error,
+                )
 
             return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry)
 
@@ -429,12 +458,14 @@ class Orchestrator:
         except QuotaExceededError as error:
             job.fatal = job.fatal or error
             job.stop_reading = True
-            return self._failed(pair, error, attempts)
+            return self._failed(pair, error, attempts, reasked)
         except Exception as error:  # every pair ends as a typed error, whatever failed
             if not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
-            return self._failed(pair, error, attempts)
-        return PairResult(sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked)
+            return self._failed(pair, error, attempts, reasked)
+        return PairResult(
+            sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked
+        )
 
     async def _finish(self, state: _DocState, job: _Job) -> None:
         pairs = [state.pairs[(s.index, t.name)] for s in state.sentences for t in self.tasks]
@@ -444,7 +475,9 @@ class Orchestrator:
             try:
                 results[task.name] = task.merge(state.document.text, state.sentences, answers)
             except Exception as error:  # a user's merge must not lose the document
-                logger.warning("merge of task %s failed on document %s: %r", task.name, state.document.id, error)
+                logger.warning(
+                    "merge of task %s failed on document %s: %r", task.name, state.document.id, error
+                )
                 results[task.name] = None
                 pairs.append(PairResult(sentence=-1, task=task.name, error=ErrorInfo.from_exception(error)))
         partial = any(p.error is not None for p in pairs)

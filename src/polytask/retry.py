@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
+from tenacity.stop import stop_base
 
 from .exceptions import (
     APIConnectionError,
@@ -54,12 +55,12 @@ class RetryPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    attempts: int = Field(6, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    wait_initial: float = Field(0.5, ge=0)
-    wait_max: float = Field(30.0, ge=0)
-    wait_exp_base: float = Field(2.0, ge=1)
-    wait_jitter: float = Field(1.0, ge=0)
+    attempts: int = Field(default=6, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    wait_initial: float = Field(default=0.5, ge=0)
+    wait_max: float = Field(default=30.0, ge=0)
+    wait_exp_base: float = Field(default=2.0, ge=1)
+    wait_jitter: float = Field(default=1.0, ge=0)
 
     def backoff(self, attempt: int, exc: BaseException | None, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based) that raised ``exc``."""
@@ -101,7 +102,7 @@ class RetryPolicy(BaseModel):
                 if exc is not None:
                     on_retry(exc, state.next_action.sleep)
 
-        stop = stop_after_attempt(self.attempts)
+        stop: stop_base = stop_after_attempt(self.attempts)
         if self.timeout is not None:
             stop = stop | stop_after_delay(self.timeout)
         retrying = AsyncRetrying(

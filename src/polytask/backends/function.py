@@ -57,7 +57,9 @@ class FunctionBackend:
             content = json.dumps(result)
         else:
             content = str(result)
-        return ChatResponse(content=content, prompt_tokens=request.prompt_tokens_estimate, completion_tokens=len(content) // 4)
+        return ChatResponse(
+            content=content, prompt_tokens=request.prompt_tokens_estimate, completion_tokens=len(content) // 4
+        )
 
     async def aclose(self) -> None:
         return None

@@ -86,7 +86,9 @@ class OpenAIBackend:
             timeout=timeout,
             http_client=http_client
             or openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+                limits=httpx2.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                )
             ),
         )
 
@@ -135,7 +137,9 @@ class OpenAIBackend:
         except openai.APITimeoutError:
             raise exc.APITimeoutError("no response within the timeout") from None
         except openai.APIConnectionError as error:
-            raise exc.APIConnectionError(self._redact(f"connection failed: {error.__cause__ or error}")) from None
+            raise exc.APIConnectionError(
+                self._redact(f"connection failed: {error.__cause__ or error}")
+            ) from None
         except (openai.APIResponseValidationError, ValueError) as error:
             raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
         latency = time.perf_counter() - started
@@ -169,11 +173,12 @@ class OpenAIBackend:
             "retry_after": parse_retry_after(error.response.headers),
         }
         if status == 429:
-            cls = exc.QuotaExceededError if code == "insufficient_quota" else exc.RateLimitError
-            return cls(message, **kwargs)
+            if code == "insufficient_quota":
+                return exc.QuotaExceededError(message, **kwargs)
+            return exc.RateLimitError(message, **kwargs)
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
-        cls = {
+        cls: type[exc.APIStatusError] = {
             400: exc.BadRequestError,
             401: exc.AuthenticationError,
             403: exc.PermissionDeniedError,

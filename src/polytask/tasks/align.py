@@ -14,6 +14,7 @@ and never placed at an invented position.
 
 from __future__ import annotations
 
+import bisect
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,8 +90,12 @@ def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
             norm_sentence = _normalize(sentence)
         haystack, index = norm_sentence
         needle = _normalize(text)[0].strip()
-        norm_taken = [(index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index]
-        at = _find(haystack, needle, norm_cursor.get(needle, 0), norm_taken) if needle else -1
+        norm_taken = [
+            (index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index
+        ]
+        # continue after the exact occurrences of the same text already taken
+        cursor = max(norm_cursor.get(needle, 0), bisect.bisect_left(index, exact_cursor.get(text, 0)))
+        at = _find(haystack, needle, cursor, norm_taken) if needle else -1
         if at < 0:
             out.append(Alignment(None, None, None))
             continue

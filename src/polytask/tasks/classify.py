@@ -51,27 +51,31 @@ class Classify(Task[BaseModel]):
         instruction: str | None = None,
     ) -> None:
         labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+        if (
+            len(labels) < 2
+            or len(set(labels)) != len(labels)
+            or not all(isinstance(x, str) and x for x in labels)
+        ):
             raise ConfigurationError(f"Classify needs at least two distinct non-empty labels, got {labels!r}")
         self.labels = labels
         self.multi_label = multi_label
-        choice = Literal[tuple(labels)]  # type: ignore[valid-type]
-        answer: type[BaseModel]
+        choice: Any = Literal.__getitem__(tuple(labels))
+        fields: dict[str, Any] = {"labels": (list[choice], ...)} if multi_label else {"label": (choice, ...)}
+        answer = create_model("ClassifyAnswer", __config__=ConfigDict(extra="forbid"), **fields)
         if multi_label:
-            answer = create_model(
-                "ClassifyAnswer", __config__=ConfigDict(extra="forbid"), labels=(list[choice], ...)  # type: ignore[call-overload]
-            )
             default = "Give every label that applies to the sentence (possibly none)."
         else:
-            answer = create_model(
-                "ClassifyAnswer", __config__=ConfigDict(extra="forbid"), label=(choice, ...)  # type: ignore[call-overload]
-            )
             default = "Give the one label that best fits the sentence."
         super().__init__(
-            name, answer, f"{instruction or default} Labels: {', '.join(labels)}.", max_tokens=16 + 12 * len(labels)
+            name,
+            answer,
+            f"{instruction or default} Labels: {', '.join(labels)}.",
+            max_tokens=16 + 12 * len(labels),
         )
 
-    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentLabels:
+    def merge(
+        self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]
+    ) -> DocumentLabels:
         known = [a for a in answers if a is not None]
         counts = dict.fromkeys(self.labels, 0)
         for a in known:

@@ -84,7 +84,9 @@ class Entities(Task[EntitiesAnswer]):
         max_tokens: the most completion tokens per answer (default 384).
     """
 
-    def __init__(self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 384) -> None:
+    def __init__(
+        self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 384
+    ) -> None:
         super().__init__(name, EntitiesAnswer, instruction or _INSTRUCTION, max_tokens=max_tokens)
 
     def postprocess(self, document_text: str, sentence: Sentence, answer: EntitiesAnswer) -> list[Entity]:
@@ -93,19 +95,38 @@ class Entities(Task[EntitiesAnswer]):
         for mention, span in zip(answer.entities, spans, strict=True):
             if span.start is None or span.end is None:
                 out.append(
-                    Entity(text=mention.text, label=mention.label, start=None, end=None, sentence=sentence.index,
-                           sentence_start=None, sentence_end=None, aligned=False, match=None)
+                    Entity(
+                        text=mention.text,
+                        label=mention.label,
+                        start=None,
+                        end=None,
+                        sentence=sentence.index,
+                        sentence_start=None,
+                        sentence_end=None,
+                        aligned=False,
+                        match=None,
+                    )
                 )
                 continue
             start, end = sentence.start + span.start, sentence.start + span.end
             out.append(
-                Entity(text=document_text[start:end], label=mention.label, start=start, end=end,
-                       sentence=sentence.index, sentence_start=span.start, sentence_end=span.end, aligned=True,
-                       match=span.match)
+                Entity(
+                    text=document_text[start:end],
+                    label=mention.label,
+                    start=start,
+                    end=end,
+                    sentence=sentence.index,
+                    sentence_start=span.start,
+                    sentence_end=span.end,
+                    aligned=True,
+                    match=span.match,
+                )
             )
         return out
 
-    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentEntities:
+    def merge(
+        self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]
+    ) -> DocumentEntities:
         aligned: dict[tuple[int, int, str], Entity] = {}
         unaligned: list[Entity] = []
         for found in answers:

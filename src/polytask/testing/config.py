@@ -1,0 +1,125 @@
+"""The simulator's settings (:class:`SimulatorConfig`, :class:`FaultRates`) and counters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["FAULT_KINDS", "FaultRates", "SimulatorConfig", "SimulatorStats"]
+
+FAULT_KINDS = (
+    "rate_limit",
+    "insufficient_quota",
+    "server_error",
+    "bad_gateway",
+    "unavailable",
+    "hang",
+    "reset",
+    "malformed",
+    "length",
+    "refusal",
+    "invalid_answer",
+)
+"""Fault names, in the order a request's random draw is matched against their rates."""
+
+
+class FaultRates(BaseModel):
+    """Per-request probabilities (0–1, summing to at most 1) of each injected fault.
+
+    Attributes:
+        rate_limit: 429 ``rate_limit_exceeded`` with ``retry-after`` and ``x-ratelimit-*`` headers.
+        insufficient_quota: 429 with code ``insufficient_quota`` (``x-ratelimit-*`` headers, no
+            ``retry-after``).
+        server_error: 500 with an OpenAI ``server_error`` body.
+        bad_gateway: 502 with an HTML body (``text/html``), as a proxy sends.
+        unavailable: 503 with an OpenAI "overloaded" body.
+        hang: no response for ``hang_seconds`` (past a client's timeout), then a normal answer.
+        reset: the TCP connection is aborted with no response.
+        malformed: 200 whose JSON body is cut in half.
+        length: 200, ``finish_reason: "length"``, content cut in half, ``completion_tokens = max_tokens``.
+        refusal: 200, ``content: null``, ``message.refusal`` set.
+        invalid_answer: 200 with valid JSON that violates the schema (see
+            :func:`~polytask.testing.schema_fill.violate_schema`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate_limit: float = Field(default=0.0, ge=0, le=1)
+    insufficient_quota: float = Field(default=0.0, ge=0, le=1)
+    server_error: float = Field(default=0.0, ge=0, le=1)
+    bad_gateway: float = Field(default=0.0, ge=0, le=1)
+    unavailable: float = Field(default=0.0, ge=0, le=1)
+    hang: float = Field(default=0.0, ge=0, le=1)
+    reset: float = Field(default=0.0, ge=0, le=1)
+    malformed: float = Field(default=0.0, ge=0, le=1)
+    length: float = Field(default=0.0, ge=0, le=1)
+    refusal: float = Field(default=0.0, ge=0, le=1)
+    invalid_answer: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_at_most_one(self) -> Self:
+        total = sum(getattr(self, k) for k in FAULT_KINDS)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"fault rates sum to {total:g}; they must sum to at most 1")
+        return self
+
+
+class SimulatorConfig(BaseModel):
+    """How the simulator behaves.
+
+    Attributes:
+        model: the model name ``GET /v1/models`` lists (requests may name any model; it is echoed back).
+        rpm: requests per minute, or None for unlimited.
+        tpm: tokens per minute, or None for unlimited. A call is charged prompt estimate + max tokens.
+        latency: median seconds before an answer (0 = answer at once).
+        latency_sigma: the lognormal sigma around ``latency`` (0 = always exactly ``latency``).
+        seed: seeds answers (per sentence), the fault draws and the latency draws.
+        faults: :class:`FaultRates` (a dict of rates is accepted).
+        hang_seconds: how long a ``hang`` fault keeps the request open, in seconds.
+        fault_retry_after: seconds an injected ``rate_limit`` 429 asks the client to wait.
+        default_max_tokens: the max tokens assumed when a request gives none (for TPM charging).
+        supports_json_schema: when False, ``response_format: json_schema`` gets a 400 naming
+            ``response_format`` (as vLLM / older servers do); ``json_object`` still works.
+        max_concurrency: a hidden cap: a completion arriving while this many are in flight gets a 503 with no
+            rate-limit headers. None = no cap.
+        gold_path: a gold JSON Lines file for oracle answers (see :mod:`polytask.testing.oracle`), or None.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "sim-model"
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
+    latency: float = Field(default=0.0, ge=0)
+    latency_sigma: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    faults: FaultRates = FaultRates()
+    hang_seconds: float = Field(default=30.0, ge=0)
+    fault_retry_after: float = Field(default=1.0, ge=0)
+    default_max_tokens: int = Field(default=4096, gt=0)
+    supports_json_schema: bool = True
+    max_concurrency: int | None = Field(default=None, gt=0)
+    gold_path: Path | None = None
+
+
+class SimulatorStats(BaseModel):
+    """Counters since start.
+
+    Attributes:
+        received: completion requests received.
+        outcomes: count per outcome: ``"ok"``, ``"rate_limited"`` (429 from the buckets), ``"over_capacity"``
+            (503 from ``max_concurrency``), ``"bad_request"`` (400), and each fault name.
+        in_flight: completion requests being handled now.
+        max_in_flight: the most ever handled at once.
+    """
+
+    received: int = 0
+    outcomes: dict[str, int] = Field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def count(self, outcome: str) -> None:
+        """Add one to ``outcomes[outcome]``."""
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

@@ -1,0 +1,247 @@
+"""Answers made up from a JSON schema: valid ones for the simulator's replies, invalid ones for re-ask tests.
+
+:func:`fill_schema` walks the schema (``type`` and type lists, ``enum``, ``const``, objects with every
+property, arrays honouring ``minItems`` / ``maxItems``, strings honouring ``minLength`` / ``maxLength``,
+numbers and integers within ``minimum`` / ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum``,
+``anyOf`` / ``oneOf`` / ``allOf``, local ``$ref`` into ``$defs`` / ``definitions``) and draws choices from a
+seeded :class:`random.Random`, so the same (seed, sentence) always gives the same answer. Recursive schemas
+are cut off after a few levels by preferring ``null`` branches and the fewest array items allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["answer_rng", "fill_schema", "resolve_ref", "violate_schema"]
+
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+_MAX_DEPTH = 8
+
+
+def answer_rng(seed: int, sentence: str) -> random.Random:
+    """The generator for one answer: deterministic per ``(seed, sentence)`` across processes and runs."""
+    return random.Random(f"{seed}\x00{sentence}")
+
+
+def resolve_ref(node: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``node`` with local ``$ref`` pointers (``#/$defs/Name``, ``#/definitions/Name``, ``#``) followed.
+
+    Raises:
+        ValueError: a non-local or dangling reference.
+    """
+    seen = 0
+    while "$ref" in node:
+        ref = node["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"only local $ref pointers are supported, got {ref!r}")
+        target: Any = root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, Mapping) or part not in target:
+                raise ValueError(f"dangling $ref {ref!r}")
+            target = target[part]
+        if not isinstance(target, Mapping):
+            raise ValueError(f"$ref {ref!r} does not point at a schema")
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        node = {**target, **extra} if extra else target
+        seen += 1
+        if seen > 64:
+            raise ValueError(f"$ref loop at {ref!r}")
+    return node
+
+
+def _types(node: Mapping[str, Any]) -> list[str]:
+    t = node.get("type")
+    if isinstance(t, str):
+        return [t]
+    if isinstance(t, list):
+        return [x for x in t if isinstance(x, str)]
+    if "properties" in node:
+        return ["object"]
+    if "items" in node or "prefixItems" in node:
+        return ["array"]
+    return []
+
+
+def _string(node: Mapping[str, Any], rng: random.Random) -> str:
+    lo = int(node.get("minLength", 0))
+    hi = node.get("maxLength")
+    fmt = node.get("format")
+    if fmt == "date":
+        text = f"2024-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
+    elif fmt == "date-time":
+        text = f"2024-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T12:00:00Z"
+    elif fmt == "email":
+        text = f"{rng.choice(_WORDS)}@example.com"
+    elif fmt == "uri":
+        text = f"https://example.com/{rng.choice(_WORDS)}"
+    elif fmt == "uuid":
+        text = "-".join(f"{rng.getrandbits(b * 4):0{b}x}" for b in (8, 4, 4, 4, 12))
+    else:
+        text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3)))
+    while len(text) < lo:
+        text += " " + rng.choice(_WORDS)
+    if hi is not None:
+        text = text[: int(hi)]
+    return text
+
+
+def _number(node: Mapping[str, Any], rng: random.Random, integer: bool) -> int | float:
+    lo = node.get("minimum")
+    hi = node.get("maximum")
+    xlo = node.get("exclusiveMinimum")
+    xhi = node.get("exclusiveMaximum")
+    if isinstance(xlo, bool):  # draft-4 boolean form
+        xlo = lo if xlo else None
+        lo = None if xlo is not None else lo
+    if isinstance(xhi, bool):
+        xhi = hi if xhi else None
+        hi = None if xhi is not None else hi
+    if integer:
+        low: int | None = math.ceil(lo) if lo is not None else None
+        if xlo is not None:
+            low = max(low, math.floor(xlo) + 1) if low is not None else math.floor(xlo) + 1
+        high: int | None = math.floor(hi) if hi is not None else None
+        if xhi is not None:
+            high = min(high, math.ceil(xhi) - 1) if high is not None else math.ceil(xhi) - 1
+        if low is None and high is None:
+            low, high = 0, 100
+        elif low is None:
+            low = min(0, high) if high is not None else 0
+        elif high is None:
+            high = max(low, 100)
+        assert low is not None and high is not None
+        return rng.randint(low, max(low, high))
+    flo = float(lo) if lo is not None else (float(xlo) if xlo is not None else None)
+    fhi = float(hi) if hi is not None else (float(xhi) if xhi is not None else None)
+    if flo is None and fhi is None:
+        flo, fhi = 0.0, 1.0
+    elif flo is None:
+        assert fhi is not None
+        flo = min(0.0, fhi - 1.0)
+    elif fhi is None:
+        fhi = flo + 1.0
+    if fhi < flo:
+        fhi = flo
+    value = round(rng.uniform(flo, fhi), 3)
+    # stay strictly inside exclusive bounds (and inside inclusive ones after rounding)
+    if (xlo is not None and value <= xlo) or (xhi is not None and value >= xhi) or not flo <= value <= fhi:
+        value = (flo + fhi) / 2
+    return value
+
+
+def fill_schema(
+    schema: Mapping[str, Any], rng: random.Random, *, root: Mapping[str, Any] | None = None, _depth: int = 0
+) -> Any:
+    """A JSON value valid for ``schema``, drawn from ``rng``.
+
+    Args:
+        schema: the (sub)schema to fill.
+        rng: the random source (see :func:`answer_rng`).
+        root: the document ``$ref`` pointers resolve against (default: ``schema`` itself).
+
+    Returns:
+        A JSON-serialisable value: every object has all its declared properties.
+
+    Raises:
+        ValueError: an unsupported ``$ref``.
+    """
+    root = schema if root is None else root
+    node = resolve_ref(schema, root)
+    deep = _depth >= _MAX_DEPTH
+
+    if "const" in node:
+        return copy.deepcopy(node["const"])
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return copy.deepcopy(rng.choice(node["enum"]))
+    for key in ("anyOf", "oneOf"):
+        options = node.get(key)
+        if isinstance(options, list) and options:
+            resolved = [resolve_ref(o, root) for o in options]
+            non_null = [o for o in resolved if _types(o) != ["null"]]
+            if deep and len(non_null) < len(resolved):
+                return None
+            pick = rng.choice(non_null or resolved)
+            return fill_schema(pick, rng, root=root, _depth=_depth + 1)
+    if isinstance(node.get("allOf"), list) and node["allOf"]:
+        merged: dict[str, Any] = {k: v for k, v in node.items() if k != "allOf"}
+        for part in node["allOf"]:
+            part = resolve_ref(part, root)
+            for k, v in part.items():
+                if k == "properties":
+                    merged["properties"] = {**merged.get("properties", {}), **v}
+                elif k == "required":
+                    merged["required"] = [*merged.get("required", []), *v]
+                else:
+                    merged.setdefault(k, v)
+        return fill_schema(merged, rng, root=root, _depth=_depth + 1)
+
+    types = _types(node)
+    if not types:
+        return {} if _depth == 0 else rng.choice(_WORDS)
+    kind = "null" if deep and "null" in types else next((t for t in types if t != "null"), "null")
+    if kind == "null":
+        return None
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "integer":
+        return _number(node, rng, integer=True)
+    if kind == "number":
+        return _number(node, rng, integer=False)
+    if kind == "string":
+        return _string(node, rng)
+    if kind == "array":
+        lo = int(node.get("minItems", 0))
+        hi = node.get("maxItems")
+        prefix = node.get("prefixItems") or []
+        top = max(lo, min(int(hi) if hi is not None else lo + 3, lo + 3))
+        count = lo if deep else rng.randint(lo, top)
+        items = node.get("items")
+        out: list[Any] = []
+        for i in range(count):
+            sub = prefix[i] if i < len(prefix) else items
+            out.append(
+                fill_schema(sub, rng, root=root, _depth=_depth + 1) if isinstance(sub, Mapping) else None
+            )
+        if node.get("uniqueItems"):
+            unique: list[Any] = []
+            for v in out:
+                if v not in unique:
+                    unique.append(v)
+            out = unique if len(unique) >= lo else out
+        return out
+    if kind == "object":
+        props = node.get("properties") or {}
+        obj = {name: fill_schema(sub, rng, root=root, _depth=_depth + 1) for name, sub in props.items()}
+        for name in node.get("required") or []:
+            obj.setdefault(name, rng.choice(_WORDS))
+        return obj
+    return None
+
+
+def violate_schema(schema: Mapping[str, Any], rng: random.Random) -> Any:
+    """A JSON value that is *not* valid for ``schema`` (for testing re-asks).
+
+    An object schema gets a filled object with its first required property removed (or, with none
+    required, an array instead of an object); any other typed schema gets a value of the wrong type. A schema
+    that accepts everything (``{}``) has nothing to violate: an empty object is returned.
+    """
+    node = resolve_ref(schema, schema)
+    types = _types(node)
+    if "object" in types:
+        required = list(node.get("required") or [])
+        if required:
+            value = fill_schema(schema, rng)
+            if isinstance(value, dict):
+                value.pop(required[0], None)
+                return value
+        return ["not", "an", "object"]
+    if not types:
+        return {}
+    if "string" in types:
+        return {"not": "a string"}
+    return "not a valid answer"

@@ -1,0 +1,411 @@
+"""An OpenAI-compatible chat-completions server for tests: rate limits, latency and faults on demand.
+
+Endpoints (each also without the ``/v1`` prefix):
+
+* ``POST /v1/chat/completions`` — an OpenAI request (``model``, ``messages``, optional ``response_format``
+  ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` or ``{"type": "json_object"}``,
+  ``max_tokens`` / ``max_completion_tokens``, ``temperature``) → a ``chat.completion`` object whose content is
+  compact JSON valid for the schema, deterministic per (seed, sentence).
+* ``GET /v1/models`` — the one configured model.
+* ``GET /stats`` — :class:`SimulatorStats` as JSON.
+
+Order of checks for a completion: body validation (400), the hidden concurrency cap (503, no rate-limit
+headers), an injected fault is drawn (injected 429s answer at once), the RPM/TPM buckets (429
+``rate_limit_exceeded``; the call is charged when admitted), latency, then the answer or the drawn fault.
+
+Start it with :class:`Simulator` (async), :func:`run_in_thread` (any code) or :func:`serve` (blocking, for a
+CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Self
+
+from aiohttp import web
+
+from ..backends.base import Message
+from ..prompts import estimate_tokens, extract_sentence
+from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
+from .oracle import GoldIndex, oracle_answer
+from .ratelimit import Clock, RateLimiter
+from .schema_fill import answer_rng, fill_schema, violate_schema
+
+__all__ = [
+    "FAULT_KINDS",
+    "FaultRates",
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorStats",
+    "run_in_thread",
+    "serve",
+]
+
+SCHEMA_MARKER = "Answer schema (JSON Schema): "
+REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+_BAD_GATEWAY_HTML = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    "</center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 3.6))
+
+
+class Simulator:
+    """The server. ``async with Simulator(config) as sim:`` starts it on 127.0.0.1, a free port.
+
+    Args:
+        config: the behaviour (default: :class:`SimulatorConfig` defaults — no limits, no faults).
+        clock: monotonic seconds for the rate-limit buckets (inject a fake one for deterministic tests).
+
+    Attributes:
+        config: the configuration.
+        stats: live :class:`SimulatorStats`.
+        limiter: the RPM/TPM :class:`~polytask.testing.ratelimit.RateLimiter`.
+        base_url: ``http://host:port/v1`` once started (else None).
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, *, clock: Clock = time.monotonic) -> None:
+        self.config = config or SimulatorConfig()
+        self.stats = SimulatorStats()
+        self.limiter = RateLimiter(self.config.rpm, self.config.tpm, clock)
+        self.gold = GoldIndex(self.config.gold_path) if self.config.gold_path else None
+        self.base_url: str | None = None
+        self._fault_rng = random.Random(self.config.seed)
+        self._latency_rng = random.Random(self.config.seed + 1)
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def app(self) -> web.Application:
+        """The aiohttp application (for mounting it yourself)."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        for prefix in ("/v1", ""):
+            app.router.add_post(prefix + "/chat/completions", self._completions)
+            app.router.add_get(prefix + "/models", self._models)
+            app.router.add_get(prefix + "/stats", self._stats)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0 = a free port). Returns the base URL, ``http://host:port/v1``."""
+        if self._runner is not None:
+            raise RuntimeError("the simulator is already running")
+        self._stopping = asyncio.Event()
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
+        await runner.setup()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            site = web.SockSite(runner, sock)
+            await site.start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = sock.getsockname()[1]
+        self.base_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Stop listening; requests still sleeping (latency, hang) are woken and dropped."""
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        self.base_url = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        assert self._stopping is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "polytask"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.model_dump())
+
+    def _draw_fault(self) -> str | None:
+        draw = self._fault_rng.random()
+        acc = 0.0
+        for kind in FAULT_KINDS:
+            rate: float = getattr(self.config.faults, kind)
+            acc += rate
+            if rate > 0 and draw < acc:
+                return kind
+        return None
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.received += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        drawn: list[str] = []  # the fault drawn, for counting a request cancelled mid-way
+        try:
+            outcome, response = await self._handle(request, drawn)
+            stats.count(outcome)
+            return response
+        except asyncio.CancelledError:  # the client went away (a timeout during latency or a hang)
+            stats.count(drawn[0] if drawn else "cancelled")
+            raise
+        finally:
+            stats.in_flight -= 1
+
+    def _schema(self, body: dict[str, Any], messages: list[Message]) -> dict[str, Any] | None:
+        fmt = body.get("response_format") or {}
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema") or {}
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return schema if isinstance(schema, dict) else {}
+        for m in messages:
+            content = m.get("content", "")
+            if m.get("role") == "system" and SCHEMA_MARKER in content:
+                tail = content.split(SCHEMA_MARKER, 1)[1].lstrip()
+                with contextlib.suppress(ValueError):
+                    schema, _ = json.JSONDecoder().raw_decode(tail)
+                    if isinstance(schema, dict):
+                        return schema
+        return None
+
+    async def _handle(self, request: web.Request, drawn: list[str]) -> tuple[str, web.StreamResponse]:
+        cfg = self.config
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            raw = body.get("messages")
+            if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+                raise ValueError("'messages' must be a non-empty array of message objects")
+            messages: list[Message] = [
+                {"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in raw
+            ]
+            max_tokens = body.get("max_completion_tokens")
+            if max_tokens is None:
+                max_tokens = body.get("max_tokens")
+            if max_tokens is None:
+                max_tokens = cfg.default_max_tokens
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+                raise ValueError("'max_tokens' must be a positive integer")
+        except ValueError as exc:
+            return "bad_request", _error(400, f"Invalid request: {exc}", "invalid_request_error")
+        model = str(body.get("model") or cfg.model)
+        fmt = body.get("response_format")
+        if not cfg.supports_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            message = "response_format type 'json_schema' is not supported by this server; use 'json_object'"
+            return "bad_request", _error(400, message, "BadRequestError", param="response_format")
+
+        if cfg.max_concurrency is not None and self.stats.in_flight > cfg.max_concurrency:
+            return "over_capacity", _error(
+                503, "The server is overloaded. Please try again later.", "server_error"
+            )
+
+        fault = self._draw_fault()
+        if fault is not None:
+            drawn.append(fault)
+        if fault in ("rate_limit", "insufficient_quota"):
+            headers = self.limiter.headers()
+            if fault == "rate_limit":
+                wait = cfg.fault_retry_after
+                headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+                headers["retry-after"] = str(math.ceil(wait))
+                message = (
+                    f"Rate limit reached for {model} on requests per min (RPM): Please try again in "
+                    f"{wait:g}s. Visit https://platform.openai.com/account/rate-limits to learn more."
+                )
+                return fault, _error(429, message, "requests", "rate_limit_exceeded", headers=headers)
+            message = (
+                "You exceeded your current quota, please check your plan and billing details. "
+                "For more information on this error, read the docs: "
+                "https://platform.openai.com/docs/guides/error-codes/api-errors."
+            )
+            return fault, _error(429, message, "insufficient_quota", "insufficient_quota", headers=headers)
+
+        prompt_tokens = estimate_tokens(messages)
+        decision = self.limiter.check(prompt_tokens + max_tokens, model)
+        if not decision.allowed:
+            headers = dict(decision.headers)
+            if not math.isinf(decision.retry_after):
+                headers["retry-after-ms"] = str(math.ceil(decision.retry_after * 1000))
+                headers["retry-after"] = str(max(1, math.ceil(decision.retry_after)))
+            type_ = decision.kind or "requests"
+            return "rate_limited", _error(
+                429, decision.message, type_, "rate_limit_exceeded", headers=headers
+            )
+
+        if cfg.latency > 0:
+            await self._sleep(cfg.latency * math.exp(cfg.latency_sigma * self._latency_rng.gauss(0.0, 1.0)))
+
+        if fault == "server_error":
+            message = "The server had an error while processing your request. Sorry about that!"
+            return fault, _error(500, message, "server_error")
+        if fault == "bad_gateway":
+            return fault, web.Response(status=502, text=_BAD_GATEWAY_HTML, content_type="text/html")
+        if fault == "unavailable":
+            return fault, _error(
+                503, "The engine is currently overloaded, please try again later.", "server_error"
+            )
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            return fault, web.Response(status=200)
+        if fault == "hang":
+            await self._sleep(cfg.hang_seconds)
+
+        sentence = extract_sentence(messages)
+        if sentence is None:
+            sentence = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        rng = answer_rng(cfg.seed, sentence)
+        schema = self._schema(body, messages)
+        if schema is None:
+            answer: Any = {}
+        elif fault == "invalid_answer":
+            answer = violate_schema(schema, rng)
+        elif self.gold is not None:
+            answer = oracle_answer(schema, sentence, self.gold, rng)
+        else:
+            answer = fill_schema(schema, rng)
+        content: str | None = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        assert content is not None
+        refusal = None
+        finish = "stop"
+        completion_tokens = _count_tokens(content)
+        if fault == "length" or completion_tokens > max_tokens:
+            content = content[: max(1, min(len(content) // 2, int(max_tokens * 3.6)))]
+            finish, completion_tokens = "length", max_tokens
+        elif fault == "refusal":
+            content, refusal = None, REFUSAL_TEXT
+            completion_tokens = _count_tokens(REFUSAL_TEXT)
+        completion = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": refusal},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fp_polytask_sim",
+        }
+        headers = {**decision.headers, "x-request-id": f"req_{uuid.uuid4().hex}"}
+        text = json.dumps(completion, ensure_ascii=False)
+        if fault == "malformed":
+            text = text[: len(text) // 2]
+        outcome = fault if fault in ("malformed", "length", "refusal", "invalid_answer", "hang") else "ok"
+        if finish == "length" and fault != "length":
+            outcome = "ok"
+        return outcome, web.Response(text=text, content_type="application/json", headers=headers)
+
+
+@contextlib.contextmanager
+def run_in_thread(
+    config: SimulatorConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Clock = time.monotonic,
+) -> Iterator[Simulator]:
+    """Run a :class:`Simulator` on its own event loop in a daemon thread; yields it (``.base_url`` set).
+
+    Works from synchronous code and from inside another event loop. The server stops when the block exits.
+    """
+    sim = Simulator(config, clock=clock)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    async def _start() -> None:
+        try:
+            await sim.start(host, port)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            ready.set()
+
+    def _run() -> None:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(_start())
+        loop.run_forever()
+        del task
+
+    thread = threading.Thread(target=_run, name="polytask-simulator", daemon=True)
+    thread.start()
+    ready.wait()
+    try:
+        if failure:
+            raise failure[0]
+        yield sim
+    finally:
+        if not failure:
+            asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def serve(config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the simulator in the foreground until interrupted (Ctrl-C); prints the base URL first."""
+
+    async def _main() -> None:
+        sim = Simulator(config)
+        url = await sim.start(host, port)
+        print(f"polytask simulator listening on {url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sim.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())

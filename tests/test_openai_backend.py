@@ -1,0 +1,199 @@
+"""The OpenAI backend through an injected httpx2 transport: every status and body translated to polytask errors."""
+
+import json
+
+import httpx2
+import pytest
+
+import polytask as pt
+from polytask.backends.base import ChatRequest
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "sk-test-0123456789abcdef"
+
+REQUEST = ChatRequest(
+    messages=[{"role": "system", "content": "sys"}, {"role": "user", "content": '{"sentence": "Hi."}'}],
+    schema_name="sentiment",
+    json_schema=pt.Sentiment().json_schema(),
+    max_tokens=32,
+    prompt_tokens_estimate=20,
+)
+
+
+def completion(content='{"label": "neutral", "score": 0}', finish_reason="stop", refusal=None):
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": finish_reason,
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+            }
+        ],
+        "usage": {"prompt_tokens": 17, "completion_tokens": 9, "total_tokens": 26},
+    }
+
+
+def backend_for(handler, **kwargs):
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    return pt.OpenAIBackend("m", base_url="http://test/v1", api_key=SECRET, http_client=client, **kwargs)
+
+
+def error_body(message, code=None, type_="invalid_request_error"):
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+async def test_success_records_usage_and_rate_limit_headers():
+    seen = []
+
+    def handler(request):
+        seen.append(json.loads(request.content))
+        return httpx2.Response(
+            200,
+            json=completion(),
+            headers={
+                "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-tokens": "1999",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+        )
+
+    response = await backend_for(handler).complete(REQUEST)
+    assert response.content == '{"label": "neutral", "score": 0}'
+    assert (response.prompt_tokens, response.completion_tokens) == (17, 9)
+    assert response.rate_limits.limit_requests == 500 and response.rate_limits.reset_tokens == 360.0
+    body = seen[0]
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["strict"] is True
+    assert body["max_completion_tokens"] == 32
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "error_type"),
+    [
+        (400, error_body("bad"), {}, pt.BadRequestError),
+        (401, error_body(f"Incorrect API key provided: {SECRET}"), {}, pt.AuthenticationError),
+        (403, error_body("no"), {}, pt.PermissionDeniedError),
+        (404, error_body("no such model"), {}, pt.NotFoundError),
+        (408, error_body("timeout"), {}, pt.ServerError),
+        (409, error_body("conflict"), {}, pt.ServerError),
+        (422, error_body("no"), {}, pt.UnprocessableEntityError),
+        (
+            429,
+            error_body("slow down", "rate_limit_exceeded", "tokens"),
+            {"retry-after-ms": "1500"},
+            pt.RateLimitError,
+        ),
+        (
+            429,
+            error_body("You exceeded your current quota", "insufficient_quota", "insufficient_quota"),
+            {},
+            pt.QuotaExceededError,
+        ),
+        (500, error_body("boom", type_="server_error"), {}, pt.ServerError),
+        (503, error_body("overloaded", type_="server_error"), {"retry-after": "3"}, pt.ServerError),
+    ],
+)
+async def test_status_errors_are_translated(status, body, headers, error_type):
+    backend = backend_for(lambda request: httpx2.Response(status, json=body, headers=headers))
+    with pytest.raises(error_type) as info:
+        await backend.complete(REQUEST)
+    error = info.value
+    assert type(error) is error_type
+    assert error.status_code == status
+    assert SECRET not in str(error)
+    if "retry-after-ms" in headers:
+        assert error.retry_after == 1.5
+    if "retry-after" in headers:
+        assert error.retry_after == 3.0
+    if status == 429 and error_type is pt.QuotaExceededError:
+        assert error.code == "insufficient_quota"
+
+
+async def test_bad_gateway_html_body():
+    backend = backend_for(
+        lambda r: httpx2.Response(
+            502, text="<html><body>Bad Gateway</body></html>", headers={"content-type": "text/html"}
+        )
+    )
+    with pytest.raises(pt.ServerError) as info:
+        await backend.complete(REQUEST)
+    assert info.value.status_code == 502
+
+
+async def test_connection_error_and_timeout():
+    def reset(request):
+        raise httpx2.ConnectError("connection reset by peer", request=request)
+
+    with pytest.raises(pt.APIConnectionError) as info:
+        await backend_for(reset).complete(REQUEST)
+    assert not isinstance(info.value, pt.APITimeoutError)
+
+    def slow(request):
+        raise httpx2.ReadTimeout("timed out", request=request)
+
+    with pytest.raises(pt.APITimeoutError):
+        await backend_for(slow).complete(REQUEST)
+
+
+async def test_malformed_json_body():
+    backend = backend_for(
+        lambda r: httpx2.Response(
+            200, content=b'{"id": "x", "choi', headers={"content-type": "application/json"}
+        )
+    )
+    with pytest.raises(pt.MalformedResponseError):
+        await backend.complete(REQUEST)
+
+
+async def test_length_and_refusal_pass_through_as_data():
+    backend = backend_for(lambda r: httpx2.Response(200, json=completion('{"label": "neu', "length")))
+    assert (await backend.complete(REQUEST)).finish_reason == "length"
+    backend = backend_for(
+        lambda r: httpx2.Response(200, json=completion(None, refusal="I can't help with that"))
+    )
+    assert (await backend.complete(REQUEST)).refusal == "I can't help with that"
+
+
+async def test_falls_back_to_json_object_then_prompt_only():
+    formats = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        fmt = body.get("response_format", {}).get("type")
+        formats.append(fmt)
+        if fmt in ("json_schema", "json_object"):
+            return httpx2.Response(400, json=error_body(f"response_format {fmt} is not supported"))
+        assert "Answer schema (JSON Schema)" in body["messages"][0]["content"]
+        return httpx2.Response(200, json=completion())
+
+    backend = backend_for(handler)
+    await backend.complete(REQUEST)
+    await backend.complete(REQUEST)
+    assert formats == ["json_schema", "json_object", None, None]
+    assert backend.mode == "none"
+
+
+async def test_unrelated_400_does_not_fall_back():
+    backend = backend_for(lambda r: httpx2.Response(400, json=error_body("context length exceeded")))
+    with pytest.raises(pt.BadRequestError):
+        await backend.complete(REQUEST)
+    assert backend.mode == "json_schema"
+
+
+def test_missing_api_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(pt.ConfigurationError, match="OPENAI_API_KEY"):
+        pt.OpenAIBackend("m")
+
+
+def test_env_vars_are_read_like_the_sdk(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    backend = pt.OpenAIBackend("m")
+    assert "127.0.0.1:9" in repr(backend) and SECRET not in repr(backend)

@@ -1,0 +1,271 @@
+"""The whole pipeline against the simulator over loopback: every failure kind ends as an answer or a typed error."""
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+import polytask as pt
+from polytask.testing.clock import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+DATA = Path(__file__).parent / "data"
+TEXTS = [
+    "Ann lives in Rome. She loves it!",
+    "这是一段文本。它描述了人工智能的应用场景。",
+    "One more. And another. Done.",
+]
+
+
+def backend(sim, **kwargs):
+    kwargs.setdefault("timeout", 5.0)
+    return pt.OpenAIBackend("sim-model", base_url=sim.base_url, api_key="test-key-123456", **kwargs)
+
+
+def orchestrator(sim, tasks=None, clock=None, **kwargs):
+    kwargs.setdefault("retry", pt.RetryPolicy(attempts=4, wait_jitter=0))
+    return pt.Orchestrator(
+        backend(sim, timeout=kwargs.pop("timeout", 5.0)),
+        tasks or [pt.Sentiment(), pt.Entities()],
+        clock=clock or FakeClock(),
+        **kwargs,
+    )
+
+
+def errors_of(results):
+    return sorted({p.error.type for r in results for p in r.pairs if p.error})
+
+
+async def test_run_returns_every_document_in_input_order(simulator):
+    sim = simulator(seed=1)
+    async with orchestrator(sim) as orch:
+        results = await orch.run(TEXTS)
+    assert [r.id for r in results] == ["0", "1", "2"]
+    assert [len(r.sentences) for r in results] == [2, 2, 3]
+    zh = results[1]
+    assert [s.text for s in zh.sentences] == ["这是一段文本。", "它描述了人工智能的应用场景。"]
+    assert zh.results["sentiment"].label in {"positive", "negative", "neutral", "mixed"}
+    assert zh.results["sentiment"].coverage == 1.0
+    for r in results:
+        assert not r.partial and len(r.pairs) == 2 * len(r.sentences)
+        assert r.usage.requests == len(r.pairs) and r.usage.prompt_tokens > 0
+        for s in r.sentences:
+            assert r.text[s.start : s.end] == s.text
+
+
+async def test_stream_yields_each_document_once_as_it_completes(simulator):
+    sim = simulator(latency=0.01)
+    docs = [(f"d{i}", f"Sentence {i} is here. And one more.") for i in range(20)]
+    seen = []
+    async with orchestrator(sim, max_concurrency=8) as orch:
+        async for result in orch.stream(docs):
+            seen.append(result.id)
+        ordered = [r.id async for r in orch.stream(docs, ordered=True)]
+    assert sorted(seen) == sorted(d for d, _ in docs)
+    assert ordered == [d for d, _ in docs]
+
+
+async def test_async_iterable_input_and_document_shapes(simulator):
+    sim = simulator()
+
+    async def source():
+        yield "plain text."
+        yield ("my-id", "a pair.")
+        yield pt.Document(id="doc", text="a document.", metadata={"k": 1})
+        yield {"id": 7, "text": "a dict.", "lang": "en"}
+        yield "   "
+
+    async with orchestrator(sim) as orch:
+        results = [r async for r in orch.stream(source(), ordered=True)]
+    assert [r.id for r in results] == ["0", "my-id", "doc", "7", "4"]
+    assert results[2].metadata == {"k": 1} and results[3].metadata == {"lang": "en"}
+    assert results[4].sentences == [] and not results[4].partial
+
+
+async def test_bad_input_item_names_it_and_keeps_earlier_work(simulator):
+    sim = simulator()
+    got = []
+    async with orchestrator(sim) as orch:
+        with pytest.raises(pt.InputError, match="document 2"):
+            async for r in orch.stream(["Fine.", "Also fine.", None, "Never read."]):
+                got.append(r.id)
+    assert sorted(got) == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "fault", ["rate_limit", "server_error", "bad_gateway", "unavailable", "reset", "malformed"]
+)
+async def test_transient_faults_are_retried_to_success(simulator, fault):
+    sim = simulator(faults={fault: 0.3}, seed=3)
+    clock = FakeClock()
+    async with orchestrator(sim, clock=clock, retry=pt.RetryPolicy(attempts=10, wait_jitter=0)) as orch:
+        results = await orch.run(TEXTS * 3)
+    assert errors_of(results) == []
+    assert sim.stats.outcomes.get(fault, 0) > 0
+    assert orch.stats.retries == sum(v for k, v in sim.stats.outcomes.items() if k != "ok")
+    if fault == "rate_limit":  # the server's Retry-After (1 s) is honoured, in virtual time
+        assert orch.stats.rate_limited > 0 and min(clock.sleeps) >= 1.0
+
+
+async def test_hang_past_timeout_is_retried(simulator):
+    sim = simulator(faults={"hang": 0.5}, hang_seconds=30, seed=2)
+    async with orchestrator(sim, timeout=0.3, retry=pt.RetryPolicy(attempts=8, wait_jitter=0)) as orch:
+        results = await orch.run(["One hang maybe. Another one."])
+    assert errors_of(results) == [] and sim.stats.outcomes.get("hang", 0) > 0
+
+
+async def test_exhausted_retries_end_as_typed_errors_in_partial_documents(simulator):
+    sim = simulator(faults={"server_error": 1.0})
+    async with orchestrator(sim, retry=pt.RetryPolicy(attempts=3, wait_jitter=0)) as orch:
+        results = await orch.run(TEXTS)
+    assert len(results) == 3 and all(r.partial for r in results)
+    pair = results[0].pairs[0]
+    assert pair.error.type == "ServerError" and pair.error.status_code == 500 and pair.error.attempts == 3
+    assert results[0].results["sentiment"].coverage == 0.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_type"), [("length", "LengthLimitError"), ("refusal", "RefusalError")]
+)
+async def test_length_and_refusal_are_their_own_errors_and_not_retried(simulator, fault, error_type):
+    sim = simulator(faults={fault: 1.0})
+    async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
+        results = await orch.run(["Just one sentence."])
+    pair = results[0].pairs[0]
+    assert pair.error.type == error_type and pair.attempts == 1 and pair.answer is None
+    assert sim.stats.received == 1
+
+
+async def test_invalid_answer_is_reasked_once(simulator):
+    sim = simulator(faults={"invalid_answer": 1.0})
+    async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
+        results = await orch.run(["Just one sentence."])
+    pair = results[0].pairs[0]
+    assert pair.error.type == "AnswerValidationError" and pair.reasked and pair.attempts == 2
+    assert sim.stats.received == 2 and orch.stats.reasks == 1
+
+
+async def test_invalid_answer_then_valid_reask_succeeds():
+    answers = iter(['{"label": "great", "score": 3}', '{"label": "positive", "score": 0.7}'])
+    seen = []
+
+    def fn(request):
+        seen.append(request.messages)
+        return next(answers)
+
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()]) as orch:
+        result = await orch.process("Nice.")
+    assert result.pairs[0].reasked and result.results["sentiment"].label == "positive"
+    assert "invalid" in seen[1][-1]["content"] and seen[1][-2]["content"] == '{"label": "great", "score": 3}'
+
+
+async def test_insufficient_quota_stops_the_run_and_keeps_work(simulator):
+    sim = simulator(faults={"insufficient_quota": 1.0})
+    got = []
+    async with orchestrator(sim, max_concurrency=2) as orch:
+        with pytest.raises(pt.QuotaExceededError):
+            async for r in orch.stream([f"Doc {i}. Two sentences." for i in range(50)]):
+                got.append(r)
+    assert got, "documents taken in are returned"
+    assert len(got) < 50
+    kinds = errors_of(got)
+    assert "QuotaExceededError" in kinds
+    assert set(kinds) <= {"QuotaExceededError", "RunStopped"}
+    assert sim.stats.received <= 4  # no retries, no new calls after the stop
+
+
+async def test_request_larger_than_tpm_fails_fast(simulator):
+    sim = simulator()
+    async with orchestrator(sim, tasks=[pt.Entities()], tpm=300) as orch:
+        result = await orch.process("A sentence that, with its prompt and max tokens, cannot fit 300 tokens.")
+    assert result.pairs[0].error.type == "RequestTooLargeError" and sim.stats.received == 0
+
+
+async def test_json_schema_unsupported_server_falls_back(simulator):
+    sim = simulator(supports_json_schema=False)
+    async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
+        result = await orch.process("Works anyway.")
+    assert not result.partial and orch.backend.mode == "json_object"
+
+
+async def test_client_limiter_keeps_under_server_rpm_without_429s(simulator):
+    sim = simulator(rpm=600)  # 10/s, bucket of 600
+    limiter = pt.RateLimiter(rpm=600)
+    async with orchestrator(sim, tasks=[pt.Sentiment()], limiter=limiter, clock=limiter.clock) as orch:
+        results = await orch.run([f"Sentence {i}." for i in range(120)])
+    assert errors_of(results) == [] and sim.stats.outcomes.get("rate_limit", 0) == 0
+    assert orch.stats.rate_limited == 0
+
+
+async def test_rate_limit_pause_is_shared_by_waiting_calls():
+    clock = FakeClock()
+    calls = []
+
+    def fn(request):
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise pt.RateLimitError("slow", status_code=429, retry_after=5.0)
+        return {"label": "neutral", "score": 0}
+
+    b = pt.FunctionBackend(fn, rpm=6000)
+    async with pt.Orchestrator(
+        b,
+        [pt.Sentiment()],
+        clock=clock,
+        max_concurrency=1,
+        retry=pt.RetryPolicy(wait_initial=0, wait_jitter=0),
+    ) as orch:
+        await orch.run(["a.", "b.", "c."])
+    # the first call is refused; every later call waits for the pause, none goes out before 5 s
+    assert calls[0] == 0 and all(t >= 5.0 for t in calls[1:])
+
+
+async def test_oracle_entities_equal_gold(simulator):
+    sim = simulator(gold_path=DATA / "oracle_sample.jsonl")
+    gold = [json.loads(line) for line in (DATA / "oracle_sample.jsonl").read_text().splitlines()]
+    gold = [g for g in gold if g["entities"]]
+    async with orchestrator(sim, tasks=[pt.Entities()]) as orch:
+        results = await orch.run([pt.Document(id=g["id"], text=g["text"]) for g in gold])
+    for g, r in zip(gold, results, strict=True):
+        ents = [(e.start, e.end, e.label) for e in r.results["entities"].entities]
+        assert ents == sorted((e["start"], e["end"], e["label"]) for e in g["entities"])
+
+
+async def test_cancelling_process_cancels_its_calls_only(simulator):
+    sim = simulator(latency=5.0)
+    async with orchestrator(sim) as orch:
+        with anyio.move_on_after(0.2) as scope:
+            await orch.process("Slow sentence.")
+        assert scope.cancelled_caught
+        fast = pt.Orchestrator(
+            pt.FunctionBackend(lambda r: {"label": "neutral", "score": 0}), [pt.Sentiment()]
+        )
+        assert not (await fast.process("Still works.")).partial
+
+
+async def test_stream_requires_context_manager():
+    orch = pt.Orchestrator(pt.FunctionBackend(lambda r: "{}"), [pt.Sentiment()])
+    with pytest.raises(RuntimeError, match="async with"):
+        async for _ in orch.stream(["x"]):
+            pass
+
+
+def test_run_sync_for_scripts():
+    results = pt.run_sync(
+        pt.FunctionBackend(lambda r: {"label": "positive", "score": 0.9}),
+        [pt.Sentiment()],
+        ["Good. Very good."],
+    )
+    assert results[0].results["sentiment"].label == "positive"
+
+
+def test_configuration_errors():
+    b = pt.FunctionBackend(lambda r: "{}")
+    with pytest.raises(pt.ConfigurationError):
+        pt.Orchestrator(b, [])
+    with pytest.raises(pt.ConfigurationError):
+        pt.Orchestrator(b, [pt.Sentiment(), pt.Sentiment()])
+    with pytest.raises(pt.ConfigurationError):
+        pt.Orchestrator(b, [pt.Sentiment()], max_concurrency=0)

@@ -1,0 +1,168 @@
+import pytest
+from pydantic import BaseModel
+
+from polytask import Classify, ConfigurationError, Entities, Sentence, Sentiment, Task
+from polytask.tasks import EntitiesAnswer, SentimentAnswer, strict_json_schema
+from polytask.tasks.align import align_mentions
+
+
+def sentences_of(text, spans):
+    return [Sentence(index=i, start=s, end=e, text=text[s:e]) for i, (s, e) in enumerate(spans)]
+
+
+def test_align_exact_then_normalized_then_unaligned():
+    spans = align_mentions(
+        "Ｉ met ACME Corp  Ltd in São Paulo.", ["ACME Corp Ltd", "são paulo", "I", "Berlin"]
+    )
+    assert [(a.start, a.end, a.match) for a in spans] == [
+        (6, 20, "normalized"),
+        (24, 33, "normalized"),
+        (0, 1, "normalized"),
+        (None, None, None),
+    ]
+
+
+def test_align_repeated_mentions_take_successive_occurrences():
+    spans = align_mentions("Paris, Paris and Paris.", ["Paris", "Paris", "Paris", "Paris"])
+    assert [a.start for a in spans] == [0, 7, 17, None]
+
+
+def test_align_prefers_occurrence_outside_longer_mention():
+    text = "New Orleans Habitat builds homes in New Orleans."
+    spans = align_mentions(text, ["New Orleans Habitat", "New Orleans"])
+    assert [(a.start, a.end) for a in spans] == [(0, 19), (36, 47)]
+
+
+def test_entities_postprocess_and_merge_offsets():
+    text = "Ann lives in Rome. Ann works at IBM in Rome."
+    sents = sentences_of(text, [(0, 18), (19, 44)])
+    task = Entities()
+    a0 = task.postprocess(
+        text,
+        sents[0],
+        EntitiesAnswer.model_validate(
+            {"entities": [{"text": "Ann", "label": "PER"}, {"text": "Rome", "label": "LOC"}]}
+        ),
+    )
+    a1 = task.postprocess(
+        text,
+        sents[1],
+        EntitiesAnswer.model_validate(
+            {
+                "entities": [
+                    {"text": "IBM", "label": "ORG"},
+                    {"text": "Ann", "label": "PER"},
+                    {"text": "Atlantis", "label": "LOC"},
+                    {"text": "Rome", "label": "LOC"},
+                ]
+            }
+        ),
+    )
+    assert [(e.text, e.start, e.end, e.sentence_start) for e in a1 if e.aligned] == [
+        ("IBM", 32, 35, 13),
+        ("Ann", 19, 22, 0),
+        ("Rome", 39, 43, 20),
+    ]
+    merged = task.merge(text, sents, [a0, a1])
+    assert [(e.start, e.end, e.label) for e in merged.entities if e.aligned] == [
+        (0, 3, "PER"),
+        (13, 17, "LOC"),
+        (19, 22, "PER"),
+        (32, 35, "ORG"),
+        (39, 43, "LOC"),
+    ]
+    assert [text[e.start : e.end] for e in merged.entities if e.aligned] == [
+        "Ann",
+        "Rome",
+        "Ann",
+        "IBM",
+        "Rome",
+    ]
+    assert merged.entities[-1].text == "Atlantis" and not merged.entities[-1].aligned
+    merged_dup = task.merge(text, sents, [a0, a0])
+    assert len(merged_dup.entities) == 2  # exact duplicates removed
+    assert task.merge(text, sents, [a0, None]).coverage == 0.5
+
+
+def test_sentiment_merge_weighted_mixed_and_coverage():
+    text = "Great food. Terrible service, really bad. Ok."
+    sents = sentences_of(text, [(0, 11), (12, 41), (42, 45)])
+    task = Sentiment()
+    pos, neg, neu = (
+        SentimentAnswer(label=lbl, score=s)
+        for lbl, s in (("positive", 0.9), ("negative", -0.8), ("neutral", 0.0))
+    )
+    merged = task.merge(text, sents, [pos, neg, neu])
+    assert merged.label == "mixed"
+    assert merged.score == pytest.approx(round((11 * 0.9 - 29 * 0.8) / 43, 4))
+    assert merged.coverage == 1.0 and merged.sentences == 3
+    only_pos = task.merge(text, sents, [pos, None, None])
+    assert only_pos.label == "positive" and only_pos.coverage == pytest.approx(round(11 / 43, 4))
+    none = task.merge(text, sents, [None, None, None])
+    assert none.label is None and none.score is None and none.coverage == 0.0
+    mild = task.merge(text, sents, [SentimentAnswer(label="positive", score=0.1)] * 3)
+    assert mild.label == "neutral"
+
+
+def test_sentiment_rejects_out_of_range_score():
+    with pytest.raises(ValueError):
+        Sentiment().parse('{"label": "positive", "score": 1.5}')
+
+
+def test_classify_single_and_multi():
+    text = "a. b. c. d."
+    sents = sentences_of(text, [(0, 2), (3, 5), (6, 8), (9, 11)])
+    single = Classify(["billing", "delivery", "other"])
+    answers = [single.parse(f'{{"label": "{x}"}}') for x in ("billing", "delivery", "billing")] + [None]
+    merged = single.merge(text, sents, answers)
+    assert merged.shares == {
+        "billing": pytest.approx(0.6667),
+        "delivery": pytest.approx(0.3333),
+        "other": 0.0,
+    }
+    assert merged.top == ["billing"] and merged.coverage == 0.75
+    with pytest.raises(ValueError):
+        single.parse('{"label": "refund"}')
+    multi = Classify(["billing", "delivery"], multi_label=True)
+    answers = [
+        multi.parse(x)
+        for x in (
+            '{"labels": ["billing", "delivery"]}',
+            '{"labels": ["billing"]}',
+            '{"labels": []}',
+            '{"labels": ["delivery"]}',
+        )
+    ]
+    merged = multi.merge(text, sents, answers)
+    assert merged.shares == {"billing": 0.5, "delivery": 0.5} and merged.top == ["billing", "delivery"]
+
+
+@pytest.mark.parametrize("labels", [["one"], ["a", "a"], ["a", ""]])
+def test_classify_rejects_bad_labels(labels):
+    with pytest.raises(ConfigurationError):
+        Classify(labels)
+
+
+def test_strict_schema_for_user_model():
+    class Item(BaseModel):
+        name: str
+        qty: int = 1
+
+    class Order(BaseModel):
+        items: list[Item]
+        note: str | None = None
+
+    schema = strict_json_schema(Order)
+    assert schema["additionalProperties"] is False and schema["required"] == ["items", "note"]
+    item = schema["$defs"]["Item"]
+    assert item["additionalProperties"] is False and item["required"] == ["name", "qty"]
+    assert "default" not in item["properties"]["qty"]
+    task = Task("order", Order, "Extract the order.")
+    assert task.json_schema() is task.json_schema()
+    assert task.parse('{"items": [{"name": "tea", "qty": 2}], "note": null}').items[0].qty == 2
+
+
+@pytest.mark.parametrize("name", ["", "has space", "x" * 65])
+def test_task_name_validated(name):
+    with pytest.raises(ConfigurationError):
+        Task(name, SentimentAnswer, "x")
