@@ -19,18 +19,14 @@ def run_cli(*args):
 def test_run_writes_one_line_per_document_in_order(tmp_path):
     out = tmp_path / "out.jsonl"
     source = DATA / "oracle_sample.jsonl"
-    result = run_cli(
-        source, "-o", out, "--simulate-oracle", source, "--task", "sentiment", "--task", "entities"
-    )
+    result = run_cli(source, "-o", out, "--simulate-oracle", source, "--task", "sentiment", "--task", "entities")
     assert result.exit_code == 0, result.output
     gold = [json.loads(line) for line in source.read_text().splitlines()]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == [g["id"] for g in gold]
     for g, r in zip(gold, lines, strict=True):
         assert r["results"]["sentiment"]["coverage"] == 1.0
-        if [(s["start"], s["end"]) for s in g["sentences"]] == [
-            (s["start"], s["end"]) for s in r["sentences"]
-        ]:
+        if [(s["start"], s["end"]) for s in g["sentences"]] == [(s["start"], s["end"]) for s in r["sentences"]]:
             got = [(e["start"], e["end"], e["label"]) for e in r["results"]["entities"]["entities"]]
             assert got == sorted((e["start"], e["end"], e["label"]) for e in g["entities"])
     assert "documents written" in result.output

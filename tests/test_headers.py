@@ -41,10 +41,7 @@ def test_retry_after_http_date_uses_wall_clock():
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert parse_retry_after({"retry-after": date}, wall_clock=lambda: now) == pytest.approx(30.0)
     assert (
-        parse_retry_after(
-            {"retry-after": email.utils.formatdate(now - 5, usegmt=True)}, wall_clock=lambda: now
-        )
-        == 0.0
+        parse_retry_after({"retry-after": email.utils.formatdate(now - 5, usegmt=True)}, wall_clock=lambda: now) == 0.0
     )
 
 

@@ -142,9 +142,7 @@ async def test_connection_error_and_timeout():
 
 async def test_malformed_json_body():
     backend = backend_for(
-        lambda r: httpx2.Response(
-            200, content=b'{"id": "x", "choi', headers={"content-type": "application/json"}
-        )
+        lambda r: httpx2.Response(200, content=b'{"id": "x", "choi', headers={"content-type": "application/json"})
     )
     with pytest.raises(pt.MalformedResponseError):
         await backend.complete(REQUEST)
@@ -153,9 +151,7 @@ async def test_malformed_json_body():
 async def test_length_and_refusal_pass_through_as_data():
     backend = backend_for(lambda r: httpx2.Response(200, json=completion('{"label": "neu', "length")))
     assert (await backend.complete(REQUEST)).finish_reason == "length"
-    backend = backend_for(
-        lambda r: httpx2.Response(200, json=completion(None, refusal="I can't help with that"))
-    )
+    backend = backend_for(lambda r: httpx2.Response(200, json=completion(None, refusal="I can't help with that")))
     assert (await backend.complete(REQUEST)).refusal == "I can't help with that"
 
 

@@ -94,9 +94,7 @@ async def test_bad_input_item_names_it_and_keeps_earlier_work(simulator):
     assert sorted(got) == ["0", "1"]
 
 
-@pytest.mark.parametrize(
-    "fault", ["rate_limit", "server_error", "bad_gateway", "unavailable", "reset", "malformed"]
-)
+@pytest.mark.parametrize("fault", ["rate_limit", "server_error", "bad_gateway", "unavailable", "reset", "malformed"])
 async def test_transient_faults_are_retried_to_success(simulator, fault):
     sim = simulator(faults={fault: 0.3}, seed=3)
     clock = FakeClock()
@@ -126,9 +124,7 @@ async def test_exhausted_retries_end_as_typed_errors_in_partial_documents(simula
     assert results[0].results["sentiment"].coverage == 0.0
 
 
-@pytest.mark.parametrize(
-    ("fault", "error_type"), [("length", "LengthLimitError"), ("refusal", "RefusalError")]
-)
+@pytest.mark.parametrize(("fault", "error_type"), [("length", "LengthLimitError"), ("refusal", "RefusalError")])
 async def test_length_and_refusal_are_their_own_errors_and_not_retried(simulator, fault, error_type):
     sim = simulator(faults={fault: 1.0})
     async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
@@ -239,9 +235,7 @@ async def test_cancelling_process_cancels_its_calls_only(simulator):
         with anyio.move_on_after(0.2) as scope:
             await orch.process("Slow sentence.")
         assert scope.cancelled_caught
-        fast = pt.Orchestrator(
-            pt.FunctionBackend(lambda r: {"label": "neutral", "score": 0}), [pt.Sentiment()]
-        )
+        fast = pt.Orchestrator(pt.FunctionBackend(lambda r: {"label": "neutral", "score": 0}), [pt.Sentiment()])
         assert not (await fast.process("Still works.")).partial
 
 

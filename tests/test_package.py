@@ -8,8 +8,7 @@ def test_all_is_complete_and_sorted():
     public = {
         name
         for name in dir(polytask)
-        if not name.startswith("_")
-        and getattr(getattr(polytask, name), "__module__", "").startswith("polytask")
+        if not name.startswith("_") and getattr(getattr(polytask, name), "__module__", "").startswith("polytask")
     }
     assert public - set(polytask.__all__) == set()
     assert sorted(polytask.__all__, key=str.lower) == sorted(polytask.__all__, key=str.lower)

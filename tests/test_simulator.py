@@ -20,9 +20,8 @@ from polytask.testing import (
     FAULT_KINDS,
     FaultRates,
     GoldIndex,
-    RateLimiter,
+    ServerRateLimiter,
     SimulatorConfig,
-    TokenBucket,
     answer_rng,
     fill_schema,
     format_duration,
@@ -126,24 +125,9 @@ def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
-def test_bucket_refills_continuously_up_to_capacity() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(600, clock)  # 10 per second
-    assert bucket.level() == 600
-    bucket.take(600)
-    assert bucket.level() == 0
-    assert bucket.wait_time(25) == pytest.approx(2.5)
-    clock.now += 1.5
-    assert bucket.level() == pytest.approx(15)
-    assert bucket.reset_time() == pytest.approx(58.5)
-    clock.now += 1000
-    assert bucket.level() == 600
-    assert math.isinf(bucket.wait_time(601))
-
-
 def test_rate_limiter_checks_requests_then_tokens() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(rpm=2, tpm=1000, clock=clock)
+    limiter = ServerRateLimiter(rpm=2, tpm=1000, clock=clock)
     first = limiter.check(400, "m")
     assert first.allowed
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
@@ -206,8 +190,7 @@ def test_answers_are_deterministic_per_seed_and_sentence(simulator: SimulatorFac
     first = post(a.base_url or "", body("one", schema)).json()["choices"][0]["message"]["content"]
     assert post(b.base_url or "", body("one", schema)).json()["choices"][0]["message"]["content"] == first
     others = {
-        post(a.base_url or "", body(f"s{i}", schema)).json()["choices"][0]["message"]["content"]
-        for i in range(5)
+        post(a.base_url or "", body(f"s{i}", schema)).json()["choices"][0]["message"]["content"] for i in range(5)
     }
     assert len(others) > 1
     # without /v1, too
@@ -224,9 +207,7 @@ def test_rpm_429_body_headers_and_refill(simulator: SimulatorFactory) -> None:
     assert r.status_code == 429
     err = r.json()["error"]
     assert err["type"] == "requests" and err["code"] == "rate_limit_exceeded" and err["param"] is None
-    assert err["message"].startswith(
-        "Rate limit reached for gpt-test on requests per min (RPM): Limit 2, Used 2"
-    )
+    assert err["message"].startswith("Rate limit reached for gpt-test on requests per min (RPM): Limit 2, Used 2")
     assert "Please try again in 30s." in err["message"]
     assert r.headers["retry-after-ms"] == "30000"
     assert r.headers["retry-after"] == "30"

@@ -11,9 +11,7 @@ def sentences_of(text, spans):
 
 
 def test_align_exact_then_normalized_then_unaligned():
-    spans = align_mentions(
-        "Ｉ met ACME Corp  Ltd in São Paulo.", ["ACME Corp Ltd", "são paulo", "I", "Berlin"]
-    )
+    spans = align_mentions("Ｉ met ACME Corp  Ltd in São Paulo.", ["ACME Corp Ltd", "são paulo", "I", "Berlin"])
     assert [(a.start, a.end, a.match) for a in spans] == [
         (6, 20, "normalized"),
         (24, 33, "normalized"),
@@ -89,8 +87,7 @@ def test_sentiment_merge_weighted_mixed_and_coverage():
     sents = sentences_of(text, [(0, 11), (12, 41), (42, 45)])
     task = Sentiment()
     pos, neg, neu = (
-        SentimentAnswer(label=lbl, score=s)
-        for lbl, s in (("positive", 0.9), ("negative", -0.8), ("neutral", 0.0))
+        SentimentAnswer(label=lbl, score=s) for lbl, s in (("positive", 0.9), ("negative", -0.8), ("neutral", 0.0))
     )
     merged = task.merge(text, sents, [pos, neg, neu])
     assert merged.label == "mixed"

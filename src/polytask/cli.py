@@ -27,9 +27,7 @@ from .orchestrator import Orchestrator, RunStats
 from .retry import RetryPolicy
 from .tasks import Classify, Entities, Sentiment, Task
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence."
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
 err = Console(stderr=True)
 
 TASK_HELP = "sentiment | entities | classify=LABEL1,LABEL2[,…] (repeatable; default: sentiment and entities)"
@@ -44,9 +42,7 @@ def parse_task(spec: str) -> Task[Any]:
     if name == "entities" and not arg:
         return Entities()
     if name in ("classify", "classify-multi") and arg:
-        return Classify(
-            [x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi"
-        )
+        return Classify([x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi")
     raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
 
 
@@ -209,9 +205,7 @@ async def _run(
                         "type": "RunStopped",
                         "message": "not started: the run stopped (insufficient quota)",
                     }
-                    writer.put(
-                        doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped}
-                    )
+                    writer.put(doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped})
                 writer.flush(source.invalid)
             refresh()
     if source.invalid_count or writer.written < total:
@@ -225,15 +219,11 @@ def run(
     input: Annotated[
         Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)
     ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")
-    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")],
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
     backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
     model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")
-    ] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
     concurrency: Annotated[int, typer.Option(help="Most calls in flight.")] = 64,
@@ -244,16 +234,12 @@ def run(
     id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
     simulate: Annotated[
         bool,
-        typer.Option(
-            help="Run against the built-in simulator (no API key, no network); implied by --simulate-*."
-        ),
+        typer.Option(help="Run against the built-in simulator (no API key, no network); implied by --simulate-*."),
     ] = False,
     simulate_oracle: Annotated[
         Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")
     ] = None,
-    simulate_faults: Annotated[
-        float, typer.Option(help="Share of simulated calls that fail transiently.")
-    ] = 0.0,
+    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
     simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
 ) -> None:
@@ -304,9 +290,7 @@ def simulate(
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit to enforce.")] = None,
     latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
     oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
-    faults: Annotated[
-        float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")
-    ] = 0.0,
+    faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
 ) -> None:
     """Serve the OpenAI-compatible simulator until Ctrl-C."""
     from .testing import serve
@@ -314,9 +298,7 @@ def simulate(
     serve(_simulator_config(rpm, tpm, latency, oracle, faults), host, port)
 
 
-def _simulator_config(
-    rpm: float | None, tpm: float | None, latency: float, oracle: Path | None, faults: float
-) -> Any:
+def _simulator_config(rpm: float | None, tpm: float | None, latency: float, oracle: Path | None, faults: float) -> Any:
     """A simulator configuration whose transient faults (429, 500, 503, connection reset) add up to ``faults``."""
     from .testing import FaultRates, SimulatorConfig
 

@@ -65,9 +65,7 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
     )
 
 
-def parse_retry_after(
-    headers: Mapping[str, str], *, wall_clock: Callable[[], float] = time.time
-) -> float | None:
+def parse_retry_after(headers: Mapping[str, str], *, wall_clock: Callable[[], float] = time.time) -> float | None:
     """Seconds the server asks to wait before the next request, or None when it does not say.
 
     Order: ``retry-after-ms``, then ``retry-after`` (seconds or HTTP date, against ``wall_clock``), then the

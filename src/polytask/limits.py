@@ -163,9 +163,7 @@ class RateLimiter:
                 self.tokens.charge(tokens, now)
         return Reservation(tokens)
 
-    def settle(
-        self, reservation: Reservation, *, prompt_tokens: int, completion_tokens: int, max_tokens: int
-    ) -> None:
+    def settle(self, reservation: Reservation, *, prompt_tokens: int, completion_tokens: int, max_tokens: int) -> None:
         """Correct the TPM bucket once the response's usage is known (see ``accounting``). Idempotent."""
         if reservation.settled:
             return

@@ -113,16 +113,12 @@ def _coerce(item: Any, position: int) -> Document:
     if isinstance(item, tuple) and len(item) == 2:
         doc_id, text = item
         if not isinstance(text, str):
-            raise InputError(
-                f"document {position}: text must be a string, got {type(text).__name__}", field="text"
-            )
+            raise InputError(f"document {position}: text must be a string, got {type(text).__name__}", field="text")
         return Document(id=str(doc_id), text=text)
     if isinstance(item, dict):
         text = item.get("text")
         if not isinstance(text, str):
-            raise InputError(
-                f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text"
-            )
+            raise InputError(f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text")
         rest = {k: v for k, v in item.items() if k not in ("id", "text")}
         return Document(id=str(item.get("id", position)), text=text, metadata=rest)
     raise InputError(
@@ -243,9 +239,7 @@ class Orchestrator:
         """
         if self._tg is None:
             raise RuntimeError("use `async with Orchestrator(...) as orch:` around orch.stream(...)")
-        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](
-            self.max_pending_documents
-        )
+        send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](self.max_pending_documents)
         scope = anyio.CancelScope()
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
         done = anyio.Event()
@@ -282,9 +276,7 @@ class Orchestrator:
         finally:
             scope.cancel()
 
-    async def run(
-        self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]
-    ) -> list[DocumentResult]:
+    async def run(self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]) -> list[DocumentResult]:
         """Every document's result, in input order. Raises as :meth:`stream` does."""
         send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](math.inf)
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
@@ -370,16 +362,8 @@ class Orchestrator:
     async def _run_pair(self, pair: _Pair, job: _Job) -> PairResult:
         task, sentence, state = pair.task, pair.sentence, pair.state
         n = self.context_sentences
-        before = (
-            " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index])
-            if n
-            else None
-        )
-        after = (
-            " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n])
-            if n
-            else None
-        )
+        before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
+        after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
         messages = build_messages(task, sentence.text, context_before=before, context_after=after)
         attempts = 0
         reasked = False
@@ -397,9 +381,7 @@ class Orchestrator:
             async def attempt() -> ChatResponse:
                 nonlocal attempts
                 async with self._slots:
-                    reservation = (
-                        await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
-                    )
+                    reservation = await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
                     attempts += 1
                     self.stats.requests += 1
                     state.usage.requests += 1
@@ -463,9 +445,7 @@ class Orchestrator:
             if not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
             return self._failed(pair, error, attempts, reasked)
-        return PairResult(
-            sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked
-        )
+        return PairResult(sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked)
 
     async def _finish(self, state: _DocState, job: _Job) -> None:
         pairs = [state.pairs[(s.index, t.name)] for s in state.sentences for t in self.tasks]
@@ -475,9 +455,7 @@ class Orchestrator:
             try:
                 results[task.name] = task.merge(state.document.text, state.sentences, answers)
             except Exception as error:  # a user's merge must not lose the document
-                logger.warning(
-                    "merge of task %s failed on document %s: %r", task.name, state.document.id, error
-                )
+                logger.warning("merge of task %s failed on document %s: %r", task.name, state.document.id, error)
                 results[task.name] = None
                 pairs.append(PairResult(sentence=-1, task=task.name, error=ErrorInfo.from_exception(error)))
         partial = any(p.error is not None for p in pairs)

@@ -77,9 +77,7 @@ class ChatResponse(BaseModel):
     """
 
     content: str | None
-    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "function_call"] | str | None = (
-        "stop"
-    )
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "function_call"] | str | None = "stop"
     refusal: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -86,9 +86,7 @@ class OpenAIBackend:
             timeout=timeout,
             http_client=http_client
             or openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(
-                    max_connections=max_connections, max_keepalive_connections=max_connections
-                )
+                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
             ),
         )
 
@@ -137,9 +135,7 @@ class OpenAIBackend:
         except openai.APITimeoutError:
             raise exc.APITimeoutError("no response within the timeout") from None
         except openai.APIConnectionError as error:
-            raise exc.APIConnectionError(
-                self._redact(f"connection failed: {error.__cause__ or error}")
-            ) from None
+            raise exc.APIConnectionError(self._redact(f"connection failed: {error.__cause__ or error}")) from None
         except (openai.APIResponseValidationError, ValueError) as error:
             raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
         latency = time.perf_counter() - started

@@ -90,9 +90,7 @@ def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
             norm_sentence = _normalize(sentence)
         haystack, index = norm_sentence
         needle = _normalize(text)[0].strip()
-        norm_taken = [
-            (index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index
-        ]
+        norm_taken = [(index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index]
         # continue after the exact occurrences of the same text already taken
         cursor = max(norm_cursor.get(needle, 0), bisect.bisect_left(index, exact_cursor.get(text, 0)))
         at = _find(haystack, needle, cursor, norm_taken) if needle else -1

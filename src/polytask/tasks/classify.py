@@ -51,11 +51,7 @@ class Classify(Task[BaseModel]):
         instruction: str | None = None,
     ) -> None:
         labels = list(labels)
-        if (
-            len(labels) < 2
-            or len(set(labels)) != len(labels)
-            or not all(isinstance(x, str) and x for x in labels)
-        ):
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
             raise ConfigurationError(f"Classify needs at least two distinct non-empty labels, got {labels!r}")
         self.labels = labels
         self.multi_label = multi_label
@@ -73,9 +69,7 @@ class Classify(Task[BaseModel]):
             max_tokens=16 + 12 * len(labels),
         )
 
-    def merge(
-        self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]
-    ) -> DocumentLabels:
+    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentLabels:
         known = [a for a in answers if a is not None]
         counts = dict.fromkeys(self.labels, 0)
         for a in known:

@@ -84,9 +84,7 @@ class Entities(Task[EntitiesAnswer]):
         max_tokens: the most completion tokens per answer (default 384).
     """
 
-    def __init__(
-        self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 384
-    ) -> None:
+    def __init__(self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 384) -> None:
         super().__init__(name, EntitiesAnswer, instruction or _INSTRUCTION, max_tokens=max_tokens)
 
     def postprocess(self, document_text: str, sentence: Sentence, answer: EntitiesAnswer) -> list[Entity]:
@@ -124,9 +122,7 @@ class Entities(Task[EntitiesAnswer]):
             )
         return out
 
-    def merge(
-        self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]
-    ) -> DocumentEntities:
+    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentEntities:
         aligned: dict[tuple[int, int, str], Entity] = {}
         unaligned: list[Entity] = []
         for found in answers:

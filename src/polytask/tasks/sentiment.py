@@ -63,9 +63,7 @@ class Sentiment(Task[SentimentAnswer]):
         self.threshold = threshold
         self.clear = clear
 
-    def merge(
-        self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]
-    ) -> DocumentSentiment:
+    def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentSentiment:
         total = sum(s.end - s.start for s in sentences)
         known = [(s, a) for s, a in zip(sentences, answers, strict=True) if a is not None]
         weight = sum(s.end - s.start for s, _ in known)
@@ -84,6 +82,4 @@ class Sentiment(Task[SentimentAnswer]):
             label = "negative"
         else:
             label = "neutral"
-        return DocumentSentiment(
-            label=label, score=round(score, 4), coverage=round(coverage, 4), sentences=len(known)
-        )
+        return DocumentSentiment(label=label, score=round(score, 4), coverage=round(coverage, 4), sentences=len(known))

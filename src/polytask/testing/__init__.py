@@ -11,22 +11,23 @@ In pytest, the ``simulator`` fixture (registered by the ``polytask`` pytest plug
 ``sim = simulator(rpm=60)``.
 """
 
+from .clock import FakeClock
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldEntity, GoldIndex, oracle_answer
-from .ratelimit import RateLimiter, TokenBucket, format_duration
+from .ratelimit import ServerRateLimiter, format_duration
 from .schema_fill import answer_rng, fill_schema, violate_schema
 from .simulator import Simulator, run_in_thread, serve
 
 __all__ = [
     "FAULT_KINDS",
+    "FakeClock",
     "FaultRates",
     "GoldEntity",
     "GoldIndex",
-    "RateLimiter",
+    "ServerRateLimiter",
     "Simulator",
     "SimulatorConfig",
     "SimulatorStats",
-    "TokenBucket",
     "answer_rng",
     "fill_schema",
     "format_duration",

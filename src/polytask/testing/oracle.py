@@ -63,9 +63,7 @@ class GoldIndex:
                     raise ValueError(f"{self.path}:{lineno}: not a gold document: {exc}") from exc
                 ents = sorted(
                     (
-                        GoldEntity(
-                            text[e["start"] : e["end"]], str(e["label"]), int(e["start"]), int(e["end"])
-                        )
+                        GoldEntity(text[e["start"] : e["end"]], str(e["label"]), int(e["start"]), int(e["end"]))
                         for e in data.get("entities") or []
                     ),
                     key=lambda e: (e.start, e.end),

@@ -31,9 +31,7 @@ class SimulatorFactory(Protocol):
     ``clock`` drives the rate-limit buckets. The result has ``.base_url`` (``http://127.0.0.1:PORT/v1``).
     """
 
-    def __call__(
-        self, config: SimulatorConfig | None = None, /, *, clock: Clock = ..., **fields: Any
-    ) -> Simulator: ...
+    def __call__(self, config: SimulatorConfig | None = None, /, *, clock: Clock = ..., **fields: Any) -> Simulator: ...
 
 
 @pytest.fixture

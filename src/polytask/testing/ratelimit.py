@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Clock", "Decision", "RateLimiter", "TokenBucket", "format_duration"]
+from ..limits import TokenBucket
+
+__all__ = ["Clock", "Decision", "ServerRateLimiter", "format_duration"]
 
 Clock = Callable[[], float]
 """A clock: returns monotonic seconds (``time.monotonic`` by default; a fake one in tests)."""
@@ -37,48 +39,6 @@ def format_duration(seconds: float) -> str:
     return out + f"{secs}s"
 
 
-class TokenBucket:
-    """A continuously refilling bucket.
-
-    Args:
-        limit: capacity, in units per minute (requests or tokens); the bucket starts full.
-        clock: monotonic seconds.
-
-    Refill is ``limit / 60`` units per second, never above ``limit``.
-    """
-
-    def __init__(self, limit: float, clock: Clock = time.monotonic) -> None:
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
-        self.limit = float(limit)
-        self.rate = self.limit / 60.0
-        self._clock = clock
-        self._level = self.limit
-        self._stamp = clock()
-
-    def level(self) -> float:
-        """Units available now."""
-        now = self._clock()
-        self._level = min(self.limit, self._level + (now - self._stamp) * self.rate)
-        self._stamp = now
-        return self._level
-
-    def wait_time(self, amount: float) -> float:
-        """Seconds until ``amount`` units are available (0 if they are now; ``inf`` if over capacity)."""
-        if amount > self.limit:
-            return math.inf
-        return max(0.0, (amount - self.level()) / self.rate)
-
-    def reset_time(self) -> float:
-        """Seconds until the bucket is full again."""
-        return (self.limit - self.level()) / self.rate
-
-    def take(self, amount: float) -> None:
-        """Debit ``amount`` units (callers check :meth:`wait_time` first)."""
-        self.level()
-        self._level -= amount
-
-
 @dataclass(frozen=True)
 class Decision:
     """The rate limiter's verdict on one call.
@@ -100,8 +60,10 @@ class Decision:
     headers: dict[str, str]
 
 
-class RateLimiter:
-    """RPM and TPM buckets for one model.
+class ServerRateLimiter:
+    """The server's RPM and TPM buckets for one model: admits or refuses a call, never waits.
+
+    Uses the client's :class:`polytask.limits.TokenBucket` (same refill model), read against ``clock``.
 
     Args:
         rpm: requests per minute, or None for no limit.
@@ -110,8 +72,14 @@ class RateLimiter:
     """
 
     def __init__(self, rpm: float | None, tpm: float | None, clock: Clock = time.monotonic) -> None:
-        self.requests = TokenBucket(rpm, clock) if rpm else None
-        self.tokens = TokenBucket(tpm, clock) if tpm else None
+        self.clock = clock
+        now = clock()
+        self.requests = TokenBucket(rpm, now) if rpm else None
+        self.tokens = TokenBucket(tpm, now) if tpm else None
+
+    def _reset_time(self, bucket: TokenBucket) -> float:
+        """Seconds until ``bucket`` is full again."""
+        return (bucket.capacity - bucket.level(self.clock())) / bucket.rate
 
     def headers(self) -> dict[str, str]:
         """The ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers for the current state."""
@@ -119,9 +87,9 @@ class RateLimiter:
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
             if bucket is None:
                 continue
-            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.limit))
-            out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(bucket.level())))
-            out[f"x-ratelimit-reset-{name}"] = format_duration(bucket.reset_time())
+            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+            out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(bucket.level(self.clock()))))
+            out[f"x-ratelimit-reset-{name}"] = format_duration(self._reset_time(bucket))
         return out
 
     def check(self, tokens: int, model: str) -> Decision:
@@ -131,30 +99,31 @@ class RateLimiter:
         then the RPM bucket is checked, then the TPM bucket.
         """
         checks = [("requests", self.requests, 1), ("tokens", self.tokens, tokens)]
-        if self.tokens is not None and tokens > self.tokens.limit:
+        if self.tokens is not None and tokens > self.tokens.capacity:
             checks.reverse()
+        now = self.clock()
         for kind, bucket, amount in checks:
             if bucket is None:
                 continue
-            wait = bucket.wait_time(amount)
+            wait = math.inf if amount > bucket.capacity else bucket.wait_time(amount, now)
             if wait > 0:
                 unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
                 if math.isinf(wait):
                     message = (
-                        f"Request too large for {model} on {unit}: Limit {int(bucket.limit)}, "
+                        f"Request too large for {model} on {unit}: Limit {int(bucket.capacity)}, "
                         f"Requested {amount}. The input or output tokens must be reduced in order to run "
                         "successfully. Visit https://platform.openai.com/account/rate-limits to learn more."
                     )
                 else:
-                    used = max(0, math.ceil(bucket.limit - bucket.level()))
+                    used = max(0, math.ceil(bucket.capacity - bucket.level(now)))
                     message = (
-                        f"Rate limit reached for {model} on {unit}: Limit {int(bucket.limit)}, Used {used}, "
+                        f"Rate limit reached for {model} on {unit}: Limit {int(bucket.capacity)}, Used {used}, "
                         f"Requested {amount}. Please try again in {format_duration(wait)}. Visit "
                         "https://platform.openai.com/account/rate-limits to learn more."
                     )
                 return Decision(False, kind, wait, amount, message, self.headers())
         if self.requests is not None:
-            self.requests.take(1)
+            self.requests.charge(1, now)
         if self.tokens is not None:
-            self.tokens.take(tokens)
+            self.tokens.charge(tokens, now)
         return Decision(True, None, 0.0, 0, "", self.headers())

@@ -204,9 +204,7 @@ def fill_schema(
         out: list[Any] = []
         for i in range(count):
             sub = prefix[i] if i < len(prefix) else items
-            out.append(
-                fill_schema(sub, rng, root=root, _depth=_depth + 1) if isinstance(sub, Mapping) else None
-            )
+            out.append(fill_schema(sub, rng, root=root, _depth=_depth + 1) if isinstance(sub, Mapping) else None)
         if node.get("uniqueItems"):
             unique: list[Any] = []
             for v in out:

@@ -34,10 +34,10 @@ from typing import Any, Self
 from aiohttp import web
 
 from ..backends.base import Message
-from ..prompts import estimate_tokens, extract_sentence
+from ..prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer
-from .ratelimit import Clock, RateLimiter
+from .ratelimit import Clock, ServerRateLimiter
 from .schema_fill import answer_rng, fill_schema, violate_schema
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "serve",
 ]
 
-SCHEMA_MARKER = "Answer schema (JSON Schema): "
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
 _BAD_GATEWAY_HTML = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
@@ -92,14 +91,14 @@ class Simulator:
     Attributes:
         config: the configuration.
         stats: live :class:`SimulatorStats`.
-        limiter: the RPM/TPM :class:`~polytask.testing.ratelimit.RateLimiter`.
+        limiter: the RPM/TPM :class:`~polytask.testing.ratelimit.ServerRateLimiter`.
         base_url: ``http://host:port/v1`` once started (else None).
     """
 
     def __init__(self, config: SimulatorConfig | None = None, *, clock: Clock = time.monotonic) -> None:
         self.config = config or SimulatorConfig()
         self.stats = SimulatorStats()
-        self.limiter = RateLimiter(self.config.rpm, self.config.tpm, clock)
+        self.limiter = ServerRateLimiter(self.config.rpm, self.config.tpm, clock)
         self.gold = GoldIndex(self.config.gold_path) if self.config.gold_path else None
         self.base_url: str | None = None
         self._fault_rng = random.Random(self.config.seed)
@@ -239,9 +238,7 @@ class Simulator:
             return "bad_request", _error(400, message, "BadRequestError", param="response_format")
 
         if cfg.max_concurrency is not None and self.stats.in_flight > cfg.max_concurrency:
-            return "over_capacity", _error(
-                503, "The server is overloaded. Please try again later.", "server_error"
-            )
+            return "over_capacity", _error(503, "The server is overloaded. Please try again later.", "server_error")
 
         fault = self._draw_fault()
         if fault is not None:
@@ -272,9 +269,7 @@ class Simulator:
                 headers["retry-after-ms"] = str(math.ceil(decision.retry_after * 1000))
                 headers["retry-after"] = str(max(1, math.ceil(decision.retry_after)))
             type_ = decision.kind or "requests"
-            return "rate_limited", _error(
-                429, decision.message, type_, "rate_limit_exceeded", headers=headers
-            )
+            return "rate_limited", _error(429, decision.message, type_, "rate_limit_exceeded", headers=headers)
 
         if cfg.latency > 0:
             await self._sleep(cfg.latency * math.exp(cfg.latency_sigma * self._latency_rng.gauss(0.0, 1.0)))
@@ -285,9 +280,7 @@ class Simulator:
         if fault == "bad_gateway":
             return fault, web.Response(status=502, text=_BAD_GATEWAY_HTML, content_type="text/html")
         if fault == "unavailable":
-            return fault, _error(
-                503, "The engine is currently overloaded, please try again later.", "server_error"
-            )
+            return fault, _error(503, "The engine is currently overloaded, please try again later.", "server_error")
         if fault == "reset":
             if request.transport is not None:
                 request.transport.abort()

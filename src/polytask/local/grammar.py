@@ -1,0 +1,59 @@
+"""JSON-schema grammars for constrained decoding (xgrammar), compiled once per schema and reused.
+
+Why xgrammar: of the four libraries the issue names it was the one that compiled polytask's strict schemas,
+produced only schema-valid answers with random weights, and fills a whole batch's token bitmask in one C++ call
+(``BatchGrammarMatcher``) — see ``benchmarks/local_grammar_compare.py`` for the comparison.
+
+Grammars are compact JSON (``any_whitespace=False``): a small model given free whitespace pretty-prints until it
+runs out of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+__all__ = ["GrammarCache"]
+
+
+class GrammarCache:
+    """Compiled grammars keyed by the schema's canonical JSON text; thread-safe.
+
+    Args:
+        tokenizer: the model's Hugging Face tokenizer.
+        vocab_size: the model's logits width (``config.vocab_size``; may exceed ``len(tokenizer)``).
+        stop_token_ids: the token ids that end an answer once the grammar is complete.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.compiles = 0
+        """How many schemas were compiled (for tests: each schema once)."""
+
+    def get(self, schema: dict[str, Any]) -> Any:
+        """The compiled grammar for ``schema`` (an ``xgrammar.CompiledGrammar``), compiling it on first use.
+
+        Raises:
+            ValueError: the schema cannot be compiled.
+        """
+        key = json.dumps(schema, separators=(",", ":"))  # property order matters: it is the answer's order
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = self._compiler.compile_json_schema(
+                    key, any_whitespace=False, separators=(",", ":"), strict_mode=True
+                )
+                self._cache[key] = hit
+                self.compiles += 1
+            return hit
+
+    def matcher(self, compiled: Any) -> Any:
+        """A fresh ``xgrammar.GrammarMatcher`` for one answer."""
+        return self._xgr.GrammarMatcher(compiled)
