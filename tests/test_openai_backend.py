@@ -38,16 +38,26 @@ def completion(content='{"label": "neutral", "score": 0}', finish_reason="stop",
     }
 
 
-def backend_for(handler, **kwargs):
-    client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
-    return pt.OpenAIBackend("m", base_url="http://test/v1", api_key=SECRET, http_client=client, **kwargs)
+@pytest.fixture(params=["httpx2", "sdk"])
+def http(request):
+    """Every test runs through polytask's lean HTTP path and through the openai SDK's."""
+    return request.param
+
+
+@pytest.fixture
+def backend_for(http):
+    def make(handler, **kwargs):
+        client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+        return pt.OpenAIBackend("m", base_url="http://test/v1", api_key=SECRET, http_client=client, http=http, **kwargs)
+
+    return make
 
 
 def error_body(message, code=None, type_="invalid_request_error"):
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-async def test_success_records_usage_and_rate_limit_headers():
+async def test_success_records_usage_and_rate_limit_headers(backend_for):
     seen = []
 
     def handler(request):
@@ -98,7 +108,7 @@ async def test_success_records_usage_and_rate_limit_headers():
         (503, error_body("overloaded", type_="server_error"), {"retry-after": "3"}, pt.ServerError),
     ],
 )
-async def test_status_errors_are_translated(status, body, headers, error_type):
+async def test_status_errors_are_translated(backend_for, status, body, headers, error_type):
     backend = backend_for(lambda request: httpx2.Response(status, json=body, headers=headers))
     with pytest.raises(error_type) as info:
         await backend.complete(REQUEST)
@@ -114,7 +124,7 @@ async def test_status_errors_are_translated(status, body, headers, error_type):
         assert error.code == "insufficient_quota"
 
 
-async def test_bad_gateway_html_body():
+async def test_bad_gateway_html_body(backend_for):
     backend = backend_for(
         lambda r: httpx2.Response(
             502, text="<html><body>Bad Gateway</body></html>", headers={"content-type": "text/html"}
@@ -125,7 +135,7 @@ async def test_bad_gateway_html_body():
     assert info.value.status_code == 502
 
 
-async def test_connection_error_and_timeout():
+async def test_connection_error_and_timeout(backend_for):
     def reset(request):
         raise httpx2.ConnectError("connection reset by peer", request=request)
 
@@ -140,7 +150,7 @@ async def test_connection_error_and_timeout():
         await backend_for(slow).complete(REQUEST)
 
 
-async def test_malformed_json_body():
+async def test_malformed_json_body(backend_for):
     backend = backend_for(
         lambda r: httpx2.Response(200, content=b'{"id": "x", "choi', headers={"content-type": "application/json"})
     )
@@ -148,14 +158,14 @@ async def test_malformed_json_body():
         await backend.complete(REQUEST)
 
 
-async def test_length_and_refusal_pass_through_as_data():
+async def test_length_and_refusal_pass_through_as_data(backend_for):
     backend = backend_for(lambda r: httpx2.Response(200, json=completion('{"label": "neu', "length")))
     assert (await backend.complete(REQUEST)).finish_reason == "length"
     backend = backend_for(lambda r: httpx2.Response(200, json=completion(None, refusal="I can't help with that")))
     assert (await backend.complete(REQUEST)).refusal == "I can't help with that"
 
 
-async def test_falls_back_to_json_object_then_prompt_only():
+async def test_falls_back_to_json_object_then_prompt_only(backend_for):
     formats = []
 
     def handler(request):
@@ -174,7 +184,7 @@ async def test_falls_back_to_json_object_then_prompt_only():
     assert backend.mode == "none"
 
 
-async def test_unrelated_400_does_not_fall_back():
+async def test_unrelated_400_does_not_fall_back(backend_for):
     backend = backend_for(lambda r: httpx2.Response(400, json=error_body("context length exceeded")))
     with pytest.raises(pt.BadRequestError):
         await backend.complete(REQUEST)
@@ -193,3 +203,26 @@ def test_env_vars_are_read_like_the_sdk(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     backend = pt.OpenAIBackend("m")
     assert "127.0.0.1:9" in repr(backend) and SECRET not in repr(backend)
+
+
+async def test_headers_sent_and_secret_never_in_errors(monkeypatch):
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-1")
+    seen = {}
+
+    def handler(request):
+        seen.update(request.headers)
+        return httpx2.Response(401, json=error_body(f"Incorrect API key provided: {SECRET}"))
+
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    backend = pt.OpenAIBackend("m", base_url="http://test/v1", api_key=SECRET, http_client=client, project="p-2")
+    with pytest.raises(pt.AuthenticationError) as info:
+        await backend.complete(REQUEST)
+    assert seen["authorization"] == f"Bearer {SECRET}"
+    assert seen["openai-organization"] == "org-1" and seen["openai-project"] == "p-2"
+    assert seen["user-agent"].startswith("polytask/")
+    assert SECRET not in str(info.value) and SECRET not in repr(backend)
+
+
+def test_unknown_http_mode():
+    with pytest.raises(pt.ConfigurationError, match="http"):
+        pt.OpenAIBackend("m", base_url="http://x/v1", http="curl")

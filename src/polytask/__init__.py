@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .backends.base import Backend, ChatRequest, ChatResponse, RateLimitHeaders
 from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
@@ -61,7 +62,6 @@ from .tasks import (
 if TYPE_CHECKING:
     from .backends.transformers import TransformersBackend
 
-__version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,9 +124,7 @@ def extract_sentence(messages: Sequence[Message]) -> str | None:
     return None
 
 
-def _is_wide(ch: str) -> bool:
-    o = ord(ch)
-    return 0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF
+_WIDE = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
 def estimate_tokens(messages: Sequence[Message]) -> int:
@@ -137,6 +136,6 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
     total = 3
     for m in messages:
         text = m.get("content") or ""
-        wide = sum(1 for ch in text if _is_wide(ch))
+        wide = len(_WIDE.findall(text)) if not text.isascii() else 0
         total += 4 + wide + math.ceil((len(text) - wide) / 3.6)
     return total

@@ -92,9 +92,22 @@ class RetryPolicy(BaseModel):
             The last attempt's error.
         """
 
+        # The first attempt runs outside tenacity: most calls succeed at once, and tenacity's per-call set-up
+        # costs about 0.1 ms of CPU, a tenth of the whole pipeline's budget per call.
+        try:
+            return await fn()
+        except Exception as error:
+            if not is_retryable(error) or self.attempts == 1:
+                raise
+            first = error
+        wait_first = self.backoff(1, first, rng)
+        if on_retry:
+            on_retry(first, wait_first)
+        await sleep(wait_first)
+
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            return self.backoff(state.attempt_number, exc, rng)
+            return self.backoff(state.attempt_number + 1, exc, rng)
 
         def before_sleep(state: RetryCallState) -> None:
             if on_retry and state.outcome and state.next_action:
@@ -102,9 +115,9 @@ class RetryPolicy(BaseModel):
                 if exc is not None:
                     on_retry(exc, state.next_action.sleep)
 
-        stop: stop_base = stop_after_attempt(self.attempts)
+        stop: stop_base = stop_after_attempt(self.attempts - 1)
         if self.timeout is not None:
-            stop = stop | stop_after_delay(self.timeout)
+            stop = stop | stop_after_delay(max(0.0, self.timeout - wait_first))
         retrying = AsyncRetrying(
             stop=stop,
             wait=wait,

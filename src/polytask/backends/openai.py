@@ -1,19 +1,25 @@
 """The OpenAI-compatible chat-completions backend (OpenAI, Azure-compatible gateways, vLLM, llama.cpp, …).
 
-Uses ``openai.AsyncOpenAI`` with ``max_retries=0``: polytask owns retries and rate limits. openai's exceptions are
-translated here into :mod:`polytask.exceptions`.
+polytask owns retries and rate limits, so the backend sends each call once. By default it posts the JSON itself
+through a pooled aiohttp session (:mod:`polytask._http`): the openai SDK's per-request path costs 5–9 ms of CPU per
+call, which caps a client near 200 calls/s (BENCHMARKS.md). ``http="sdk"`` sends through ``openai.AsyncOpenAI``
+(``max_retries=0``) instead. Either way the same errors come out, translated into :mod:`polytask.exceptions`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx2
 import openai
 
 from .. import exceptions as exc
+from .._http import AiohttpClient, HTTPClient, Httpx2Client
+from .._version import __version__
 from ..exceptions import ConfigurationError
 from ..headers import parse_rate_limit_headers, parse_retry_after
 from ..prompts import add_schema_to_system
@@ -22,7 +28,16 @@ from .base import ChatRequest, ChatResponse
 __all__ = ["OpenAIBackend"]
 
 StructuredMode = Literal["json_schema", "json_object", "none"]
+HTTPMode = Literal["aiohttp", "httpx2", "sdk"]
 _FALLBACK: dict[StructuredMode, StructuredMode] = {"json_schema": "json_object", "json_object": "none"}
+_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_BY_STATUS: dict[int, type[exc.APIStatusError]] = {
+    400: exc.BadRequestError,
+    401: exc.AuthenticationError,
+    403: exc.PermissionDeniedError,
+    404: exc.NotFoundError,
+    422: exc.UnprocessableEntityError,
+}
 
 
 class OpenAIBackend:
@@ -31,21 +46,25 @@ class OpenAIBackend:
     Args:
         model: the model name (``"gpt-4o-mini"``).
         base_url: the API's base URL (``http://127.0.0.1:8000/v1``); default ``$OPENAI_BASE_URL`` or OpenAI's.
-        api_key: default ``$OPENAI_API_KEY``; servers given by ``base_url`` may need none.
-        rpm: requests-per-minute limit to keep under, or None.
-        tpm: tokens-per-minute limit to keep under, or None.
+        api_key: default ``$OPENAI_API_KEY``; servers given by ``base_url`` may need none. Never logged or shown.
+        rpm: requests-per-minute limit to keep under, or None (then learned from ``x-ratelimit-*`` headers).
+        tpm: tokens-per-minute limit to keep under, or None (likewise).
         timeout: seconds allowed for one HTTP call before it counts as a timeout (default 60).
         structured_outputs: ``"json_schema"`` (strict structured outputs; default), ``"json_object"`` (JSON mode,
             schema in the prompt) or ``"none"`` (schema in the prompt). When the server rejects the mode with a
             400 that names ``response_format``, the backend falls back to the next mode for the rest of the run.
         max_tokens_param: the request field for the completion cap: ``"max_completion_tokens"`` (OpenAI's current
             name) or ``"max_tokens"`` (older servers).
+        http: ``"aiohttp"`` (default, fastest), ``"httpx2"``, or ``"sdk"`` (through ``openai.AsyncOpenAI``).
         max_connections: HTTP connection pool size (default 512).
-        http_client: an ``httpx2.AsyncClient`` to use instead (tests inject one with a mock transport).
+        http_client: an ``httpx2.AsyncClient`` to send through (implies ``http="httpx2"`` unless ``"sdk"``);
+            tests inject one with ``httpx2.MockTransport``.
+        organization, project: sent as ``OpenAI-Organization`` / ``OpenAI-Project``; default
+            ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID``, as the openai SDK reads them.
         extra_body: extra JSON fields sent with every request.
 
     Raises:
-        ConfigurationError: no API key for OpenAI's own endpoint.
+        ConfigurationError: no API key for OpenAI's own endpoint, or an unknown ``http``.
     """
 
     def __init__(
@@ -59,8 +78,11 @@ class OpenAIBackend:
         timeout: float = 60.0,
         structured_outputs: StructuredMode = "json_schema",
         max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens",
+        http: HTTPMode = "aiohttp",
         max_connections: int = 512,
         http_client: httpx2.AsyncClient | None = None,
+        organization: str | None = None,
+        project: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -71,33 +93,60 @@ class OpenAIBackend:
                     "no API key: set OPENAI_API_KEY (or pass api_key=), or point base_url at a server that needs none"
                 )
             api_key = "not-needed"
+        if http not in ("aiohttp", "httpx2", "sdk"):
+            raise ConfigurationError(f"http must be 'aiohttp', 'httpx2' or 'sdk', got {http!r}")
+        if http_client is not None and http == "aiohttp":
+            http = "httpx2"
         self.model = model
         self.rpm = rpm
         self.tpm = tpm
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
         self.max_tokens_param = max_tokens_param
+        self.http: HTTPMode = http
+        self.timeout = timeout
+        self.base_url = (base_url or _DEFAULT_BASE_URL).rstrip("/")
+        self._url = self.base_url + "/chat/completions"
         self._secret = api_key
         self._extra_body = extra_body or {}
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,
-            timeout=timeout,
-            http_client=http_client
-            or openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-            ),
-        )
+        organization = organization or os.environ.get("OPENAI_ORG_ID")
+        project = project or os.environ.get("OPENAI_PROJECT_ID")
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"polytask/{__version__}",
+            **({"OpenAI-Organization": organization} if organization else {}),
+            **({"OpenAI-Project": project} if project else {}),
+        }
+        self._sdk: openai.AsyncOpenAI | None = None
+        self._lean: HTTPClient | None = None
+        if http == "sdk":
+            self._sdk = openai.AsyncOpenAI(
+                api_key=api_key,
+                base_url=self.base_url,
+                organization=organization,
+                project=project,
+                max_retries=0,
+                timeout=timeout,
+                http_client=http_client or Httpx2Client(max_connections=max_connections).client,
+            )
+        elif http == "httpx2":
+            self._lean = Httpx2Client(http_client, max_connections=max_connections)
+        else:
+            self._lean = AiohttpClient(max_connections=max_connections)
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.model!r}, base_url={str(self._client.base_url)!r})"
+        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r})"
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._sdk is not None:
+            await self._sdk.close()
+        if self._lean is not None:
+            await self._lean.aclose()
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
-        """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai one); never retries."""
+        """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai or HTTP one); never retries."""
         while True:
             mode = self.mode
             try:
@@ -109,76 +158,102 @@ class OpenAIBackend:
                 if self.mode == mode:  # another call may have fallen back already
                     self.mode = fallback
 
-    async def _complete(self, request: ChatRequest, mode: StructuredMode) -> ChatResponse:
-        messages: list[Any] = request.messages
-        body: dict[str, Any] = {self.max_tokens_param: request.max_tokens, **self._extra_body}
+    def _body(self, request: ChatRequest, mode: StructuredMode) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            self.max_tokens_param: request.max_tokens,
+        }
         if mode == "json_schema":
-            response_format: Any = {
+            body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": request.schema_name, "schema": request.json_schema, "strict": True},
             }
         else:
-            messages = add_schema_to_system(request.messages, request.json_schema)
-            response_format = {"type": "json_object"} if mode == "json_object" else openai.omit
+            body["messages"] = add_schema_to_system(request.messages, request.json_schema)
+            if mode == "json_object":
+                body["response_format"] = {"type": "json_object"}
+        body.update(self._extra_body)
+        return body
+
+    async def _complete(self, request: ChatRequest, mode: StructuredMode) -> ChatResponse:
+        body = self._body(request, mode)
         started = time.perf_counter()
+        if self._sdk is not None:
+            status, headers, data = await self._send_sdk(body)
+        else:
+            assert self._lean is not None
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            status, headers, content = await self._lean.post(self._url, self._headers, payload, self.timeout)
+            data = _json(content)
+            if status >= 400:
+                raise self._status_error(status, data if data is not None else content, headers)
+        latency = time.perf_counter() - started
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(
-                model=self.model,
-                messages=messages,
-                response_format=response_format,
-                temperature=request.temperature,
-                extra_body=body,
+            choice = data["choices"][0]
+            message = choice["message"]
+            usage = data.get("usage") or {}
+            return ChatResponse(
+                content=message.get("content"),
+                finish_reason=choice.get("finish_reason"),
+                refusal=message.get("refusal"),
+                prompt_tokens=usage.get("prompt_tokens") or 0,
+                completion_tokens=usage.get("completion_tokens") or 0,
+                rate_limits=parse_rate_limit_headers(headers),
+                latency=latency,
             )
-            completion = raw.parse()
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+            raise exc.MalformedResponseError(f"not a chat completion: {type(error).__name__}: {error}"[:500]) from None
+
+    async def _send_sdk(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], Any]:
+        assert self._sdk is not None
+        fields = {k: v for k, v in body.items() if k in ("model", "messages", "temperature", "response_format")}
+        extra = {k: v for k, v in body.items() if k not in fields}
+        try:
+            raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
+            return raw.http_response.status_code, raw.headers, raw.parse().model_dump()
         except openai.APIStatusError as error:
-            raise self._status_error(error) from None
+            raise self._status_error(error.status_code, error.body, error.response.headers) from None
         except openai.APITimeoutError:
-            raise exc.APITimeoutError("no response within the timeout") from None
+            raise exc.APITimeoutError(f"no response within {self.timeout:g} s") from None
         except openai.APIConnectionError as error:
             raise exc.APIConnectionError(self._redact(f"connection failed: {error.__cause__ or error}")) from None
         except (openai.APIResponseValidationError, ValueError) as error:
             raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
-        latency = time.perf_counter() - started
-        if not completion.choices:
-            raise exc.MalformedResponseError("the response has no choices")
-        choice = completion.choices[0]
-        usage = completion.usage
-        return ChatResponse(
-            content=choice.message.content,
-            finish_reason=choice.finish_reason,
-            refusal=getattr(choice.message, "refusal", None),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            rate_limits=parse_rate_limit_headers(raw.headers),
-            latency=latency,
-        )
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if len(self._secret) >= 8 else text
 
-    def _status_error(self, error: openai.APIStatusError) -> exc.APIStatusError:
-        status = error.status_code
-        body = error.body if isinstance(error.body, dict) else {}
-        message = self._redact(str(body.get("message") or error.message))[:1000]
-        code = error.code
-        rid = error.request_id
+    def _status_error(self, status: int, body: Any, headers: Mapping[str, str]) -> exc.APIStatusError:
+        """The polytask error for an HTTP error status; ``body`` is the decoded JSON (or the raw bytes)."""
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
+        if isinstance(body, bytes | str):
+            text = body.decode(errors="replace") if isinstance(body, bytes) else body
+            message = " ".join(text.split())[:300] or f"HTTP {status}"
+        else:
+            message = str(error.get("message") or f"HTTP {status}")
+        code = error.get("code")
         kwargs: dict[str, Any] = {
             "status_code": status,
-            "code": code,
-            "request_id": rid,
-            "retry_after": parse_retry_after(error.response.headers),
+            "code": str(code) if code is not None else None,
+            "request_id": headers.get("x-request-id"),
+            "retry_after": parse_retry_after(headers),
         }
+        message = self._redact(message)[:1000]
         if status == 429:
-            if code == "insufficient_quota":
+            if kwargs["code"] == "insufficient_quota":
                 return exc.QuotaExceededError(message, **kwargs)
             return exc.RateLimitError(message, **kwargs)
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
-        cls: type[exc.APIStatusError] = {
-            400: exc.BadRequestError,
-            401: exc.AuthenticationError,
-            403: exc.PermissionDeniedError,
-            404: exc.NotFoundError,
-            422: exc.UnprocessableEntityError,
-        }.get(status, exc.APIStatusError)
-        return cls(message, **kwargs)
+        return _BY_STATUS.get(status, exc.APIStatusError)(message, **kwargs)
+
+
+def _json(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
