@@ -25,7 +25,7 @@ def test_bucket_rejects_non_positive_limit():
 
 async def test_acquire_waits_exactly_for_refill():
     clock = FakeClock()
-    limiter = RateLimiter(rpm=60, tpm=None, clock=clock)  # 1 request per second, 60 at once
+    limiter = RateLimiter(rpm=60, tpm=None, clock=clock, headroom=0)  # 1 request per second, 60 at once
     for _ in range(60):
         await limiter.acquire(0)
     assert clock.time == 0.0
@@ -35,7 +35,7 @@ async def test_acquire_waits_exactly_for_refill():
 
 async def test_tpm_reservation_and_settle():
     clock = FakeClock()
-    limiter = RateLimiter(tpm=6000, clock=clock)  # 100 tokens per second
+    limiter = RateLimiter(tpm=6000, clock=clock, headroom=0)  # 100 tokens per second
     reservation = await limiter.acquire(5000)
     # real prompt 300 instead of estimated 4000 (+1000 max tokens): 3700 tokens come back
     limiter.settle(reservation, prompt_tokens=300, completion_tokens=20, max_tokens=1000)
@@ -45,14 +45,14 @@ async def test_tpm_reservation_and_settle():
 
 
 async def test_usage_accounting_settles_completion_tokens():
-    limiter = RateLimiter(tpm=6000, clock=FakeClock(), accounting="usage")
+    limiter = RateLimiter(tpm=6000, clock=FakeClock(), accounting="usage", headroom=0)
     reservation = await limiter.acquire(5000)
     limiter.settle(reservation, prompt_tokens=300, completion_tokens=20, max_tokens=1000)
     assert limiter.tokens.level(0.0) == pytest.approx(6000 - 320)
 
 
 async def test_call_larger_than_tpm_fails_fast():
-    limiter = RateLimiter(tpm=1000, clock=FakeClock())
+    limiter = RateLimiter(tpm=1000, clock=FakeClock(), headroom=0)
     with pytest.raises(RequestTooLargeError) as info:
         await limiter.acquire(1001)
     assert info.value.tokens == 1001 and "1000" in str(info.value)
@@ -69,7 +69,7 @@ async def test_pause_holds_every_caller_until_it_ends():
 
 async def test_waiters_are_served_first_in_first_out():
     clock = FakeClock()
-    limiter = RateLimiter(tpm=600, clock=clock)  # 10 tokens per second
+    limiter = RateLimiter(tpm=600, clock=clock, headroom=0)  # 10 tokens per second
     await limiter.acquire(600)
     order = []
 
@@ -83,3 +83,61 @@ async def test_waiters_are_served_first_in_first_out():
         tg.start_soon(call, "small", 10)
     # the small call does not overtake the big one, and each waits only for its own refill
     assert order == [("big", 50.0), ("small", 51.0)]
+
+
+async def test_headroom_delays_once_and_keeps_the_rate():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, clock=clock, headroom=0.01)  # 10 per second, 6 requests kept back
+    for _ in range(594):
+        await limiter.acquire(0)
+    assert clock.time == 0.0
+    await limiter.acquire(0)
+    assert clock.time == pytest.approx(0.1)
+    for _ in range(100):
+        await limiter.acquire(0)
+    assert clock.time == pytest.approx(10.1)  # then 10 per second, the full rate
+
+
+async def test_learning_sends_one_probe_then_follows_the_headers():
+    from polytask.backends.base import RateLimitHeaders
+
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock, learn=True, headroom=0)
+    await limiter.acquire(100)  # the probe goes at once
+    started = []
+
+    async def call(i):
+        await limiter.acquire(100)
+        started.append((i, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(call, i)
+        await anyio.lowlevel.checkpoint()
+        assert started == []  # everyone waits for the probe's answer
+        limiter.observe(RateLimitHeaders(limit_requests=60, remaining_requests=2, limit_tokens=1000,
+                                         remaining_tokens=900))
+    assert limiter.rpm == 60 and limiter.tpm == 1000
+    # 2 requests were left: two go at once, the third waits one second for a refill
+    assert started == [(0, 0.0), (1, 0.0), (2, pytest.approx(1.0))]
+
+
+async def test_learned_limits_are_capped_by_configured_ones_and_resync():
+    from polytask.backends.base import RateLimitHeaders
+
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=100, clock=clock, learn=True, headroom=0)
+    limiter.observe(RateLimitHeaders(limit_requests=500, limit_tokens=10_000, remaining_tokens=4_000))
+    assert limiter.rpm == 100 and limiter.tpm == 10_000
+    assert limiter.tokens.level(0.0) == 4_000  # the server said less is left: follow it
+    limiter.observe(RateLimitHeaders(limit_tokens=20_000, remaining_tokens=9_000))
+    assert limiter.tpm == 20_000 and limiter.tokens.level(0.0) == pytest.approx(9_000)
+
+
+async def test_failed_probe_releases_the_waiters():
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock, learn=True)
+    await limiter.acquire(1)
+    limiter.observe(None)  # the probe got no response; nothing learned, nobody stuck
+    await limiter.acquire(1)
+    assert limiter.rpm is None and limiter.tpm is None

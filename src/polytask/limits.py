@@ -6,6 +6,11 @@ its per-minute limit, refills at ``limit / 60`` per second, and starts full. A c
 response with the real prompt tokens. A 429 pauses the whole limiter for the time the server asked, so waiting
 calls are released one by one as capacity returns instead of all waking on the same Retry-After.
 
+Limits left unset are learned from the ``x-ratelimit-limit-*`` / ``-remaining-*`` headers of every response (configured
+limits cap what is learned): until the first response arrives only one call goes out, then each response creates or
+resizes the bucket and lowers its level to the server's ``remaining`` when the server says less is left (other
+clients sharing the key, or an estimate that ran low). Servers that send no such headers get no limit.
+
 Waiters are served first in, first out (``anyio.Lock`` is fair), so a large call is not starved by small ones.
 Time comes from an injectable :class:`Clock`, so tests drive it without sleeping.
 """
@@ -19,6 +24,7 @@ from typing import Literal, Protocol
 
 import anyio
 
+from .backends.base import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
 __all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket"]
@@ -74,11 +80,23 @@ class TokenBucket:
     def wait_time(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` units are available (0 when they are)."""
         missing = amount - self.level(now)
-        return 0.0 if missing <= 0 else missing / self.rate
+        # a rounding residue is no shortfall: waiting it out could add nothing to the clock and never end
+        return 0.0 if missing <= 1e-9 * self.capacity else missing / self.rate
 
     def charge(self, amount: float, now: float) -> None:
         """Take ``amount`` units (a negative amount gives units back, up to the capacity)."""
         self._level = min(self.capacity, self.level(now) - amount)
+
+    def resize(self, per_minute: float, now: float) -> None:
+        """Change the limit, keeping the units already used."""
+        used = self.capacity - self.level(now)
+        self.capacity = float(per_minute)
+        self.rate = self.capacity / 60.0
+        self._level = self.capacity - used
+
+    def sync(self, remaining: float, now: float) -> None:
+        """Lower the level to what the server says is ``remaining`` (never raises it)."""
+        self._level = min(self.level(now), remaining)
 
 
 @dataclass(slots=True)
@@ -93,9 +111,15 @@ class RateLimiter:
     """RPM and TPM limits shared by every call of a backend.
 
     Args:
-        rpm: requests per minute, or None for no request limit.
-        tpm: tokens per minute, or None for no token limit.
+        rpm: requests per minute; None to learn it from response headers (or to have none, if the server sends none).
+        tpm: tokens per minute; None to learn it likewise.
         clock: time source (default: the monotonic clock).
+        learn: learn the limits left unset from response headers (see :meth:`observe`); the orchestrator turns
+            this on.
+        headroom: the share of each bucket kept unused (default 0.01): the client admits a call only while that
+            much would be left, absorbing small drifts between its bucket and the server's (requests reaching the
+            server out of order, clock skew). It delays the first wait by ``headroom × 60`` seconds, once, and does
+            not lower the sustained rate.
         accounting: how a call's tokens are settled after its response. ``"max_tokens"`` (default): real prompt
             tokens + the call's ``max_tokens``, as OpenAI's limiter charges, so the client never runs ahead of the
             server; ``"usage"``: real prompt + completion tokens, for servers that charge what was generated.
@@ -111,12 +135,19 @@ class RateLimiter:
         *,
         clock: Clock | None = None,
         accounting: Literal["max_tokens", "usage"] = "max_tokens",
+        learn: bool = False,
+        headroom: float = 0.01,
     ) -> None:
         self.clock: Clock = clock or MonotonicClock()
         now = self.clock.now()
         self.requests = TokenBucket(rpm, now) if rpm is not None else None
         self.tokens = TokenBucket(tpm, now) if tpm is not None else None
         self.accounting = accounting
+        self._caps = (rpm, tpm)
+        self.headroom = headroom
+        self.learning = learn and (rpm is None or tpm is None)
+        self._heard = anyio.Event()  # set by the first observe(): the server's limits are known (or absent)
+        self._probing = False
         self._paused_until = -math.inf
         self._lock = anyio.Lock()
 
@@ -137,9 +168,9 @@ class RateLimiter:
         now = self.clock.now()
         wait = self._paused_until - now
         if self.requests:
-            wait = max(wait, self.requests.wait_time(1, now))
+            wait = max(wait, self.requests.wait_time(1 + self.headroom * self.requests.capacity, now))
         if self.tokens:
-            wait = max(wait, self.tokens.wait_time(tokens, now))
+            wait = max(wait, self.tokens.wait_time(tokens + self.headroom * self.tokens.capacity, now))
         return max(0.0, wait)
 
     async def acquire(self, tokens: int) -> Reservation:
@@ -151,17 +182,30 @@ class RateLimiter:
         Raises:
             RequestTooLargeError: ``tokens`` exceeds the TPM limit, so no amount of waiting would do.
         """
-        if self.tokens and tokens > self.tokens.capacity:
+        if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
             raise RequestTooLargeError(tokens, self.tokens.capacity)
+        if self.learning and not self._heard.is_set():
+            if self._probing:
+                await self._heard.wait()
+                if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
+                    raise RequestTooLargeError(tokens, self.tokens.capacity)
+            else:
+                self._probing = True  # this call goes first and tells us the limits
+        if not self._lock.locked() and self.wait_time(tokens) <= 0:
+            self._take(tokens)  # the common case: no waiter ahead, capacity now (no scheduling round trip)
+            return Reservation(tokens)
         async with self._lock:
             while (wait := self.wait_time(tokens)) > 0:
                 await self.clock.sleep(wait)
-            now = self.clock.now()
-            if self.requests:
-                self.requests.charge(1, now)
-            if self.tokens:
-                self.tokens.charge(tokens, now)
+            self._take(tokens)
         return Reservation(tokens)
+
+    def _take(self, tokens: int) -> None:
+        now = self.clock.now()
+        if self.requests:
+            self.requests.charge(1, now)
+        if self.tokens:
+            self.tokens.charge(tokens, now)
 
     def settle(self, reservation: Reservation, *, prompt_tokens: int, completion_tokens: int, max_tokens: int) -> None:
         """Correct the TPM bucket once the response's usage is known (see ``accounting``). Idempotent."""
@@ -172,3 +216,33 @@ class RateLimiter:
             return
         actual = prompt_tokens + (completion_tokens if self.accounting == "usage" else max_tokens)
         self.tokens.charge(actual - reservation.tokens, self.clock.now())
+
+    def observe(self, limits: RateLimitHeaders | None) -> None:
+        """Keep the buckets in step with one response's ``x-ratelimit-*`` headers (None: the call got no response,
+        which still lets waiting calls go on after a failed first call)."""
+        self._heard.set()
+        if limits is None or not self.learning:
+            if limits is not None:
+                self._sync(limits)
+            return
+        now = self.clock.now()
+        for attr, limit, cap in (
+            ("requests", limits.limit_requests, self._caps[0]),
+            ("tokens", limits.limit_tokens, self._caps[1]),
+        ):
+            if limit is None or limit <= 0:
+                continue
+            capacity = min(limit, cap) if cap is not None else limit
+            bucket: TokenBucket | None = getattr(self, attr)
+            if bucket is None:
+                setattr(self, attr, TokenBucket(capacity, now))
+            elif bucket.capacity != capacity:
+                bucket.resize(capacity, now)
+        self._sync(limits)
+
+    def _sync(self, limits: RateLimitHeaders) -> None:
+        now = self.clock.now()
+        if self.requests and limits.remaining_requests is not None:
+            self.requests.sync(limits.remaining_requests, now)
+        if self.tokens and limits.remaining_tokens is not None:
+            self.tokens.sync(limits.remaining_tokens, now)

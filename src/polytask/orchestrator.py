@@ -24,22 +24,15 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import ValidationError
 
-from .backends.base import Backend, ChatRequest, ChatResponse
+from .backends.base import Backend
+from .caller import AskError, Caller, CallStats
+from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
-from .exceptions import (
-    AnswerValidationError,
-    ConfigurationError,
-    InputError,
-    LengthLimitError,
-    PolytaskError,
-    QuotaExceededError,
-    RateLimitError,
-    RefusalError,
-)
+from .estimates import PromptEstimator, cached_tiktoken_counter
+from .exceptions import ConfigurationError, InputError, PolytaskError, QuotaExceededError
 from .limits import Clock, MonotonicClock, RateLimiter
-from .prompts import build_messages, estimate_tokens, reask_messages
+from .prompts import build_messages
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks.base import Task
@@ -58,7 +51,7 @@ class RunStopped(PolytaskError):
 
 
 @dataclass
-class RunStats:
+class RunStats(CallStats):
     """Live counters of a run, for progress bars and summaries (all counts since the orchestrator was created)."""
 
     documents_in: int = 0
@@ -66,12 +59,6 @@ class RunStats:
     documents_partial: int = 0
     pairs_done: int = 0
     pairs_failed: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    rate_limited: int = 0
-    retries: int = 0
-    reasks: int = 0
 
 
 @dataclass
@@ -143,13 +130,17 @@ class Orchestrator:
         tasks: the tasks to run on every sentence (names must be unique).
         max_concurrency: the most calls in flight (default 64).
         retry: the retry policy (default :class:`~polytask.RetryPolicy`).
-        rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: use the backend's).
+        rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: the backend's, else learned).
         limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
         context_sentences: neighbouring sentences passed as context on each side (default 0).
         max_sentence_chars: sentences longer than this many characters are split (default 1,000).
         max_pending_documents: documents read ahead of the slowest unfinished one (default ``max(64, 2 ×
             max_concurrency)``): bounds memory for input of any length.
         temperature: sampling temperature of every call (default 0).
+        adaptive_concurrency: shrink the calls in flight on overload signals (503, timeouts, unexplained 429s,
+            latency far above its best) and grow them back (AIMD, :class:`~polytask.concurrency.AdaptiveConcurrency`);
+            the current limit is ``orch.concurrency.limit`` (default True).
+        learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
 
@@ -177,6 +168,8 @@ class Orchestrator:
         max_sentence_chars: int = 1000,
         max_pending_documents: int | None = None,
         temperature: float = 0.0,
+        adaptive_concurrency: bool = True,
+        learn_limits: bool = True,
         clock: Clock | None = None,
         segmenter: Callable[..., list[Sentence]] = segment,
     ) -> None:
@@ -197,14 +190,31 @@ class Orchestrator:
         self.clock: Clock = clock or (limiter.clock if limiter else MonotonicClock())
         rpm = rpm if rpm is not None else getattr(backend, "rpm", None)
         tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
-        self.limiter = limiter or (RateLimiter(rpm, tpm, clock=self.clock) if rpm or tpm else None)
+        if limiter is None and (rpm or tpm or learn_limits):
+            limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits)
+        self.limiter = limiter
         self.context_sentences = context_sentences
         self.max_sentence_chars = max_sentence_chars
         self.max_pending_documents = max_pending_documents or max(64, 2 * max_concurrency)
-        self.temperature = temperature
         self.segmenter = segmenter
         self.stats = RunStats()
-        self._slots = anyio.CapacityLimiter(max_concurrency)
+        self.concurrency = AdaptiveConcurrency(
+            max_concurrency, clock=self.clock, decrease=0.9 if adaptive_concurrency else 1.0
+        )
+        self.breaker = CircuitBreaker(clock=self.clock)
+        model = getattr(backend, "model", None)
+        counter = cached_tiktoken_counter(model) if isinstance(model, str) else None
+        self.caller = Caller(
+            backend,
+            retry=self.retry,
+            limiter=self.limiter,
+            concurrency=self.concurrency,
+            breaker=self.breaker,
+            estimator=PromptEstimator(counter),
+            clock=self.clock,
+            temperature=temperature,
+            stats=self.stats,
+        )
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> Orchestrator:
@@ -299,7 +309,8 @@ class Orchestrator:
     async def _run_job(self, documents: Iterable[Any] | AsyncIterable[Any], job: _Job) -> None:
         send, receive = anyio.create_memory_object_stream[_Pair](self.max_concurrency)
         async with anyio.create_task_group() as tg:
-            for _ in range(self.max_concurrency):
+            # twice as many workers as call slots: a worker waiting out a retry's backoff holds no slot
+            for _ in range(2 * self.max_concurrency):
                 tg.start_soon(self._worker, receive.clone(), job)
             receive.close()
             async with send:
@@ -365,87 +376,23 @@ class Orchestrator:
         before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
         after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
         messages = build_messages(task, sentence.text, context_before=before, context_after=after)
-        attempts = 0
-        reasked = False
-
-        async def call(msgs: list[dict[str, str]]) -> ChatResponse:
-            request = ChatRequest(
-                messages=msgs,
-                schema_name=task.name,
-                json_schema=task.json_schema(),
-                max_tokens=task.max_tokens,
-                temperature=self.temperature,
-                prompt_tokens_estimate=estimate_tokens(msgs),
-            )
-
-            async def attempt() -> ChatResponse:
-                nonlocal attempts
-                async with self._slots:
-                    reservation = await self.limiter.acquire(request.reserved_tokens) if self.limiter else None
-                    attempts += 1
-                    self.stats.requests += 1
-                    state.usage.requests += 1
-                    try:
-                        response = await self.backend.complete(request)
-                    except RateLimitError as error:
-                        self.stats.rate_limited += 1
-                        if error.retry_after and self.limiter and not isinstance(error, QuotaExceededError):
-                            self.limiter.pause(error.retry_after)
-                        raise
-                state.usage.prompt_tokens += response.prompt_tokens
-                state.usage.completion_tokens += response.completion_tokens
-                self.stats.prompt_tokens += response.prompt_tokens
-                self.stats.completion_tokens += response.completion_tokens
-                if reservation is not None and self.limiter is not None:
-                    self.limiter.settle(
-                        reservation,
-                        prompt_tokens=response.prompt_tokens,
-                        completion_tokens=response.completion_tokens,
-                        max_tokens=request.max_tokens,
-                    )
-                if response.finish_reason == "length":
-                    raise LengthLimitError(f"the answer was cut off at max_tokens={request.max_tokens}")
-                if response.refusal:
-                    raise RefusalError(response.refusal)
-                return response
-
-            def on_retry(error: BaseException, wait: float) -> None:
-                self.stats.retries += 1
-                logger.debug(
-                    "retrying %s/%s in %.2fs after %s: %s",
-                    state.document.id,
-                    task.name,
-                    wait,
-                    type(error).__name__,
-                    error,
-                )
-
-            return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry)
-
         try:
-            response = await call(messages)
-            try:
-                answer = task.parse(response.content or "")
-            except ValidationError as error:
-                reasked = True
-                self.stats.reasks += 1
-                response = await call(reask_messages(messages, response.content or "", _short(error)))
-                try:
-                    answer = task.parse(response.content or "")
-                except ValidationError as again:
-                    raise AnswerValidationError(
-                        f"invalid answer after one re-ask: {_short(again)}", content=response.content or ""
-                    ) from None
-            value = task.postprocess(state.document.text, sentence, answer)
-        except QuotaExceededError as error:
-            job.fatal = job.fatal or error
-            job.stop_reading = True
-            return self._failed(pair, error, attempts, reasked)
-        except Exception as error:  # every pair ends as a typed error, whatever failed
-            if not isinstance(error, PolytaskError):
+            answer = await self.caller.ask(task, messages, state.usage, state.document.id)
+            value = task.postprocess(state.document.text, sentence, answer.value)
+        except AskError as failure:
+            error = failure.error
+            if isinstance(error, QuotaExceededError):
+                job.fatal = job.fatal or error
+                job.stop_reading = True
+            elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
-            return self._failed(pair, error, attempts, reasked)
-        return PairResult(sentence=sentence.index, task=task.name, answer=value, attempts=attempts, reasked=reasked)
+            return self._failed(pair, error, failure.attempts, failure.reasked)
+        except Exception as error:  # a task's postprocess failed: the pair ends as a typed error all the same
+            logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
+            return self._failed(pair, error, answer.attempts, answer.reasked)
+        return PairResult(
+            sentence=sentence.index, task=task.name, answer=value, attempts=answer.attempts, reasked=answer.reasked
+        )
 
     async def _finish(self, state: _DocState, job: _Job) -> None:
         pairs = [state.pairs[(s.index, t.name)] for s in state.sentences for t in self.tasks]
@@ -475,10 +422,6 @@ class Orchestrator:
         self.stats.documents_partial += int(partial)
         job.pending.release()
         await job.out.send((state.position, result))
-
-
-def _short(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:10])
 
 
 def run_sync(

@@ -9,10 +9,8 @@ transformers backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
-
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Backend", "ChatRequest", "ChatResponse", "Message", "RateLimitHeaders"]
 
@@ -20,8 +18,9 @@ Message = dict[str, str]
 """A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
 
 
-class ChatRequest(BaseModel):
-    """One structured-output chat call.
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One structured-output chat call (a plain dataclass: built once per call on the hot path).
 
     Attributes:
         messages: the chat messages.
@@ -31,8 +30,6 @@ class ChatRequest(BaseModel):
         temperature: sampling temperature.
         prompt_tokens_estimate: polytask's estimate of the prompt tokens, used for TPM reservation.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     messages: list[Message]
     schema_name: str
@@ -47,7 +44,8 @@ class ChatRequest(BaseModel):
         return self.prompt_tokens_estimate + self.max_tokens
 
 
-class RateLimitHeaders(BaseModel):
+@dataclass(frozen=True, slots=True)
+class RateLimitHeaders:
     """The ``x-ratelimit-*`` headers of one response, parsed (None where absent).
 
     Attributes:
@@ -64,12 +62,13 @@ class RateLimitHeaders(BaseModel):
     reset_tokens: float | None = None
 
 
-class ChatResponse(BaseModel):
+@dataclass(slots=True)
+class ChatResponse:
     """The answer to one :class:`ChatRequest`.
 
     Attributes:
         content: the answer text (JSON for structured outputs); None when the model refused.
-        finish_reason: ``"stop"``, ``"length"``, ``"content_filter"``, …
+        finish_reason: ``"stop"``, ``"length"``, ``"content_filter"``, ``"tool_calls"``, …
         refusal: the refusal text, when the model refused.
         prompt_tokens, completion_tokens: usage as reported by the server (0 when it reported none).
         rate_limits: the parsed ``x-ratelimit-*`` headers.
@@ -77,13 +76,12 @@ class ChatResponse(BaseModel):
     """
 
     content: str | None
-    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "function_call"] | str | None = "stop"
+    finish_reason: str | None = "stop"
     refusal: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    rate_limits: RateLimitHeaders = Field(default_factory=RateLimitHeaders)
+    rate_limits: RateLimitHeaders = field(default_factory=RateLimitHeaders)
     latency: float = 0.0
-    headers: Mapping[str, str] = Field(default_factory=dict)
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -193,7 +194,7 @@ class TransformersBackend:
             if isinstance(outcome, BaseException):
                 p.error = outcome
             else:
-                p.response = outcome.model_copy(update={"latency": now - p.started})
+                p.response = dataclasses.replace(outcome, latency=now - p.started)
             p.done.set()
 
     def _run(self, requests: list[ChatRequest]) -> list[ChatResponse | BaseException]:

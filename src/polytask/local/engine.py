@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +83,9 @@ class SlotCache:
         self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.rows, self.slots = rows, slots
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[layer_idx].index_copy_(2, self.write_pos, key)
         self.values[layer_idx].index_copy_(2, self.write_pos, value)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -91,6 +95,70 @@ class SlotCache:
 
     def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         return self.slots, 0
+
+
+_ATTN = "polytask_gqa"
+
+
+def _gqa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for grouped-query attention without materialising repeated keys / values.
+
+    transformers' sdpa path repeats each key/value head ``heads / kv_heads`` times whenever a mask is given
+    (``(rows, heads, slots, head_dim)`` written and read per layer per step); here the query heads that share a
+    key/value head are folded into the query-length axis instead. Shapes: query ``(B, H, Q, D)``, key/value
+    ``(B, Hkv, L, D)``, mask ``(B, 1, Q, L)`` bool; returns ``(B, Q, H, D)``.
+    """
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    qf = query.reshape(b, hkv, g * q, d)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[2]]
+        if g > 1 and q > 1:
+            mask = mask[:, :, None].expand(b, mask.shape[1], g, q, mask.shape[-1]).reshape(b, mask.shape[1], g * q, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qf, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None and q > 1 and g == 1
+    )
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(_ATTN, _gqa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN, sdpa_mask)
+        return True
+    except (ImportError, AttributeError):  # pragma: no cover - older transformers: keep sdpa
+        return False
+
+
+class _attention:
+    """Switch the model's attention implementation to :func:`_gqa_attention` for the calls inside."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.config = engine.config
+        self.on = engine.gqa
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.saved = self.config._attn_implementation
+            self.config._attn_implementation = _ATTN
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            self.config._attn_implementation = self.saved
 
 
 def _bucket_rows(n: int) -> int:
@@ -124,6 +192,10 @@ class _Slot:
         self.engine = engine
 
     def forward(self) -> torch.Tensor:
+        with _attention(self.engine):
+            return self._forward()
+
+    def _forward(self) -> torch.Tensor:
         e = self.engine
         self.cache.write_pos = self.step_pos
         kwargs: dict[str, Any] = {}
@@ -138,13 +210,14 @@ class _Slot:
             logits_to_keep=1,
             **kwargs,
         )
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def capture(self) -> None:
         """Capture the decode step as a CUDA graph (writes only the last slot, later overwritten before use)."""
         self.step_pos.fill_(self.cache.slots - 1)
         self.mask.fill_(True)
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -174,6 +247,8 @@ class Engine:
         cuda_graphs: capture decode steps (default: on CUDA devices).
         min_prefix: the fewest shared tokens worth computing once (else every row runs its whole prompt).
         max_buckets: how many ``(rows, slots)`` caches / graphs to keep (each holds ``rows × slots`` keys/values).
+        fused_gqa: use :func:`_gqa_attention` inside the engine's own forward passes (the model's configured
+            attention is restored after each call, so ``model.generate`` elsewhere is unaffected).
 
     Thread-safety: one batch at a time (the backend calls it from one worker thread).
     """
@@ -187,6 +262,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         min_prefix: int = 16,
         max_buckets: int = 4,
+        fused_gqa: bool = True,
     ) -> None:
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -204,10 +280,19 @@ class Engine:
         inner = getattr(model, "model", model)
         self.takes_cache_position = "cache_position" in inspect.signature(inner.forward).parameters
         self.graph_pool: Any = None
+        self.gqa = fused_gqa and _register_attention()
         self._slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self._prefix: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
-        self.stats = {"batches": 0, "rows": 0, "steps": 0, "prefix_tokens_saved": 0, "graphs": 0}
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "steps": 0,
+            "prefix_tokens_saved": 0,
+            "graphs": 0,
+            "prefill_ms": 0,
+            "decode_ms": 0,
+        }
 
     # ---------------------------------------------------------------- buckets and prefix
     def _slot(self, rows: int, slots: int) -> _Slot:
@@ -218,8 +303,13 @@ class Engine:
                 self._slots.popitem(last=False)
             slot = _Slot(self, rows, slots)
             if self.cuda_graphs:
-                slot.capture()
-                self.stats["graphs"] += 1
+                try:
+                    slot.capture()
+                    self.stats["graphs"] += 1
+                except Exception as exc:
+                    warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc!r}", stacklevel=2)
+                    slot.graph = None
+                    self.cuda_graphs = False
             self._slots[key] = slot
         self._slots.move_to_end(key)
         return slot
@@ -276,6 +366,7 @@ class Engine:
         Returns:
             One :class:`GenResult` per request, in order.
         """
+        t_start = time.perf_counter()
         n = len(requests)
         prompts = [r.prompt_ids for r in requests]
         lens = np.array([len(p) for p in prompts])
@@ -320,6 +411,10 @@ class Engine:
         mask = (k[None, None, :] < prefix_len) | ((kk >= 0) & (kk < suffix) & (real_key | own))
         cache.write_pos = torch.arange(prefix_len, prefix_len + suffix, device=dev)
         logits = self._forward(ids_t, pos, mask[:, None], cache).float()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_decode = time.perf_counter()
+        self.stats["prefill_ms"] += int((t_decode - t_start) * 1000)
 
         # decode-state buffers
         slot.mask.copy_(mask[:, -1:, :][:, None])
@@ -353,7 +448,8 @@ class Engine:
         count = np.zeros(n, dtype=np.int64)
         done_t = torch.zeros(rows, dtype=torch.bool, device=dev)
         host = torch.empty(rows, dtype=torch.long, pin_memory=dev.type == "cuda")
-        event = torch.cuda.Event() if dev.type == "cuda" else None
+        done_host = torch.zeros(rows, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        event = torch.cuda.Event() if dev.type == "cuda" else None  # type: ignore[no-untyped-call]
         for t in range(steps):
             if bitmask is not None:
                 bitmask_dev = bitmask.to(dev, non_blocking=True)
@@ -395,7 +491,8 @@ class Engine:
             self.stats["steps"] += 1
             if done.all() or not more:
                 break
-            done_t = torch.from_numpy(np.concatenate([done, np.zeros(rows - n, dtype=bool)])).to(dev)
+            done_host[:n] = torch.from_numpy(done)
+            done_t = done_host.to(dev, non_blocking=True)
             if constrained:
                 assert bitmask is not None
                 bitmask.fill_(-1)
@@ -403,6 +500,7 @@ class Engine:
                 if idx:
                     batch.batch_fill_next_token_bitmask([matchers[i] for i in idx], bitmask, indices=idx)
             logits = next_logits.float()
+        self.stats["decode_ms"] += int((time.perf_counter() - t_decode) * 1000)
         results = []
         for i in range(n):
             kept = int(count[i]) - (1 if stopped[i] else 0)

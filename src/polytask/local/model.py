@@ -110,7 +110,7 @@ def convert_gguf(gguf: Path, dest: Path | None = None) -> Path:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         plain.load_state_dict(model.state_dict(), strict=False)
         plain.tie_weights()
         plain.save_pretrained(tmp)
@@ -172,5 +172,5 @@ def load_model(model: str | os.PathLike[str] | None, *, device: str, dtype: Any)
             "polytask never downloads at run time; download it beforehand (`hf download "
             f"{where}` with network) or pass a local directory ({exc.__class__.__name__}: {str(exc)[:200]})",
         ) from exc
-    net.to(device).eval()
+    net.to(device).eval()  # type: ignore[arg-type]
     return net, tok

@@ -1,0 +1,242 @@
+"""One (sentence, task) question, asked until it has a validated answer or a typed error.
+
+A call goes: circuit breaker → concurrency slot → rate limiter (reserve estimated tokens) → backend → settle the
+reservation with the real usage, feed the limits learned from headers, the token calibration, the concurrency
+controller and the breaker → validate; retried by the :class:`~polytask.RetryPolicy` (each retry goes back through
+the breaker, the slot and the limiter), and re-asked once with the validation error when the answer is invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+
+from .backends.base import Backend, ChatRequest, ChatResponse, Message
+from .concurrency import AdaptiveConcurrency, CircuitBreaker
+from .documents import Usage
+from .estimates import CompletionBudget, PromptEstimator
+from .exceptions import (
+    AnswerValidationError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    LengthLimitError,
+    MalformedResponseError,
+    QuotaExceededError,
+    RateLimitError,
+    RefusalError,
+    ServerError,
+)
+from .limits import Clock, RateLimiter
+from .prompts import reask_messages
+from .retry import RetryPolicy
+from .tasks.base import Task
+
+__all__ = ["Answer", "CallStats", "Caller"]
+
+logger = logging.getLogger("polytask")
+
+
+@dataclass
+class CallStats:
+    """Counters over every call (for progress bars and summaries)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    reasks: int = 0
+
+
+@dataclass
+class Answer:
+    """A validated answer and what it took."""
+
+    value: Any
+    attempts: int
+    reasked: bool
+
+
+class AskError(Exception):
+    """Carries the attempts made for a question that failed with ``error``."""
+
+    def __init__(self, error: Exception, attempts: int, reasked: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+        self.reasked = reasked
+
+
+def _short(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:10])
+
+
+class Caller:
+    """Asks a backend questions under shared limits (one per orchestrator)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        retry: RetryPolicy,
+        limiter: RateLimiter | None,
+        concurrency: AdaptiveConcurrency,
+        breaker: CircuitBreaker,
+        estimator: PromptEstimator,
+        clock: Clock,
+        temperature: float,
+        stats: CallStats,
+    ) -> None:
+        self.backend = backend
+        self.retry = retry
+        self.limiter = limiter
+        self.concurrency = concurrency
+        self.breaker = breaker
+        self.estimator = estimator
+        self.clock = clock
+        self.temperature = temperature
+        self.stats = stats
+        self._budgets: dict[str, CompletionBudget] = {}
+
+    def budget(self, task: Task[Any]) -> CompletionBudget:
+        if task.name not in self._budgets:
+            self._budgets[task.name] = CompletionBudget(task.max_tokens)
+        return self._budgets[task.name]
+
+    async def ask(self, task: Task[Any], messages: list[Message], usage: Usage, label: str) -> Answer:
+        """A validated answer to ``messages`` for ``task``.
+
+        Raises:
+            AskError: wrapping the polytask error the question ended with, and the attempts made.
+        """
+        attempts = 0
+        reasked = False
+
+        def count() -> None:
+            nonlocal attempts
+            attempts += 1
+
+        try:
+            response = await self._call(task, messages, usage, count, label)
+            try:
+                value = task.parse(response.content or "")
+            except ValidationError as error:
+                reasked = True
+                self.stats.reasks += 1
+                again = reask_messages(messages, response.content or "", _short(error))
+                response = await self._call(task, again, usage, count, label)
+                try:
+                    value = task.parse(response.content or "")
+                except ValidationError as error2:
+                    raise AnswerValidationError(
+                        f"invalid answer after one re-ask: {_short(error2)}", content=response.content or ""
+                    ) from None
+        except Exception as error:
+            raise AskError(error, attempts, reasked) from error
+        return Answer(value, attempts, reasked)
+
+    async def _call(
+        self, task: Task[Any], messages: list[Message], usage: Usage, count: Callable[[], None], label: str
+    ) -> ChatResponse:
+        raw = self.estimator.raw(messages)
+        budget = self.budget(task)
+        full = False  # after a cut-off under a learned cap, ask with the task's whole max_tokens
+
+        def request() -> ChatRequest:
+            return ChatRequest(
+                messages=messages,
+                schema_name=task.name,
+                json_schema=task.json_schema(),
+                max_tokens=task.max_tokens if full else budget.cap,
+                temperature=self.temperature,
+                prompt_tokens_estimate=self.estimator.estimate(raw),
+            )
+
+        async def attempt() -> ChatResponse:
+            nonlocal full
+            req = request()
+            if self.breaker.state != "closed":
+                await self.breaker.wait()
+            slots = self.concurrency.limiter
+            try:
+                slots.acquire_nowait()  # no scheduling round trip when a slot is free and nobody waits
+            except anyio.WouldBlock:
+                await slots.acquire()
+            try:
+                reservation = await self.limiter.acquire(req.reserved_tokens) if self.limiter else None
+                count()
+                self.stats.requests += 1
+                usage.requests += 1
+                try:
+                    response = await self.backend.complete(req)
+                except BaseException as error:
+                    self._failed(error)
+                    raise
+            finally:
+                slots.release()
+            self._succeeded(response)
+            usage.prompt_tokens += response.prompt_tokens
+            usage.completion_tokens += response.completion_tokens
+            if reservation is not None and self.limiter is not None:
+                self.limiter.settle(
+                    reservation,
+                    prompt_tokens=response.prompt_tokens,
+                    completion_tokens=response.completion_tokens,
+                    max_tokens=req.max_tokens,
+                )
+            self.estimator.observe(raw, response.prompt_tokens)
+            if response.finish_reason == "length":
+                if req.max_tokens < task.max_tokens:
+                    full = True  # the learned cap was too small for this answer: not the answer's fault
+                    return await attempt()
+                raise LengthLimitError(f"the answer was cut off at max_tokens={req.max_tokens}")
+            if response.refusal:
+                raise RefusalError(response.refusal)
+            budget.observe(response.completion_tokens)
+            return response
+
+        def on_retry(error: BaseException, wait: float) -> None:
+            self.stats.retries += 1
+            logger.debug("retrying %s/%s in %.2fs after %s: %s", label, task.name, wait, type(error).__name__, error)
+
+        return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry)
+
+    def _succeeded(self, response: ChatResponse) -> None:
+        self.stats.prompt_tokens += response.prompt_tokens
+        self.stats.completion_tokens += response.completion_tokens
+        self.breaker.on_success()
+        self.concurrency.on_success(response.latency)
+        if self.limiter is not None:
+            self.limiter.observe(response.rate_limits)
+
+    def _failed(self, error: BaseException) -> None:
+        """Feed a failed call to the limiter, the breaker and the concurrency controller."""
+        if self.limiter is not None:
+            self.limiter.observe(None)
+        if isinstance(error, RateLimitError):
+            self.stats.rate_limited += 1
+            self.breaker.on_other()
+            if isinstance(error, QuotaExceededError):
+                return
+            if error.retry_after and self.limiter is not None:
+                self.limiter.pause(error.retry_after)
+            known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
+            if not known:  # a 429 no known limit explains: the server is overloaded
+                self.concurrency.on_overload()
+        elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError):
+            self.breaker.on_failure()
+            overloaded = isinstance(error, APITimeoutError) or (
+                isinstance(error, ServerError) and error.status_code in (502, 503, 504)
+            )
+            if overloaded:
+                self.concurrency.on_overload()
+        elif isinstance(error, APIStatusError):
+            self.breaker.on_success()  # a 4xx answer: the server is up
+        else:
+            self.breaker.on_other()
