@@ -39,6 +39,9 @@ class AdaptiveConcurrency:
         latency_factor: a smoothed latency above this many times its best counts as an overload signal
             (default 4; None to ignore latency).
         window, votes: overload signals needed among the last ``window`` calls (default 3 of 20).
+        initial: the limit to start from (default 8): it grows by one per success, doubling every round trip
+            (TCP's slow start), until the first overload signal or ``maximum``; after that, by ``1 / limit``. A run
+            against a server with an unknown capacity then does not open with a burst of ``maximum`` calls.
         clock: time source.
 
     Attributes:
@@ -55,6 +58,7 @@ class AdaptiveConcurrency:
         latency_factor: float | None = 4.0,
         window: int = 20,
         votes: int = 3,
+        initial: int = 8,
         clock: Clock | None = None,
     ) -> None:
         self.maximum = maximum
@@ -63,8 +67,9 @@ class AdaptiveConcurrency:
         self.latency_factor = latency_factor
         self.votes = votes
         self.clock: Clock = clock or MonotonicClock()
-        self.limiter = anyio.CapacityLimiter(maximum)
-        self._limit = float(maximum)
+        self._slow_start = decrease < 1 and initial < maximum
+        self._limit = float(min(maximum, initial) if self._slow_start else maximum)
+        self.limiter = anyio.CapacityLimiter(int(self._limit))
         self._signals: deque[bool] = deque(maxlen=window)
         self._last_decrease = -math.inf
         self._latency: float | None = None  # smoothed (EWMA, alpha 0.1) latency, seconds
@@ -91,7 +96,8 @@ class AdaptiveConcurrency:
             return
         self._signals.append(False)
         if self._limit < self.maximum:
-            self._limit = min(float(self.maximum), self._limit + 1.0 / self._limit)
+            step = 1.0 if self._slow_start else 1.0 / self._limit
+            self._limit = min(float(self.maximum), self._limit + step)
             self._apply()
 
     def on_overload(self) -> None:
@@ -101,6 +107,7 @@ class AdaptiveConcurrency:
         if self.decrease >= 1 or sum(self._signals) < self.votes or now - self._last_decrease < (self._latency or 0):
             return
         self._last_decrease = now
+        self._slow_start = False
         self._signals.clear()
         in_flight = self.limiter.borrowed_tokens
         self._limit = max(float(self.minimum), min(self._limit, float(in_flight or self._limit)) * self.decrease)

@@ -73,6 +73,7 @@ class PromptEstimator:
         self._count = count
         self._ratios: deque[float] = deque(maxlen=window)
         self._warmup = warmup
+        self._seen = 0
         self.ratio = 1.0
 
     def raw(self, messages: Sequence[Message]) -> int:
@@ -90,7 +91,9 @@ class PromptEstimator:
         if raw <= 0 or actual <= 0:
             return
         self._ratios.append(actual / raw)
-        if len(self._ratios) >= self._warmup:
+        self._seen += 1
+        # re-read the percentile at the end of the warm-up and every 32 calls after (a sort of 200 is not free)
+        if self._seen >= self._warmup and (self._seen == self._warmup or self._seen % 32 == 0):
             ordered = sorted(self._ratios)
             self.ratio = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
 

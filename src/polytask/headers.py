@@ -20,6 +20,8 @@ from .backends.base import RateLimitHeaders
 
 __all__ = ["parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
 
+_NONE = RateLimitHeaders()
+_NAMES = tuple(f"x-ratelimit-{kind}-{unit}" for kind in ("remaining", "limit", "reset") for unit in ("requests", "tokens"))
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 
@@ -55,6 +57,8 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
     """The ``x-ratelimit-*`` headers of a response (header names are case-insensitive; pass an httpx2 ``Headers``
     or a dict with lower-case keys). Absent or unparsable values are None."""
     get = headers.get
+    if all(get(name) is None for name in _NAMES):  # most servers send none: skip the parsing
+        return _NONE
     return RateLimitHeaders(
         limit_requests=_int(get("x-ratelimit-limit-requests")),
         limit_tokens=_int(get("x-ratelimit-limit-tokens")),

@@ -390,8 +390,14 @@ class Orchestrator:
         except Exception as error:  # a task's postprocess failed: the pair ends as a typed error all the same
             logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
             return self._failed(pair, error, answer.attempts, answer.reasked)
-        return PairResult(
-            sentence=sentence.index, task=task.name, answer=value, attempts=answer.attempts, reasked=answer.reasked
+        # built from validated parts: construct without re-validating (this runs once per call)
+        return PairResult.model_construct(
+            sentence=sentence.index,
+            task=task.name,
+            answer=value,
+            error=None,
+            attempts=answer.attempts,
+            reasked=answer.reasked,
         )
 
     async def _finish(self, state: _DocState, job: _Job) -> None:
@@ -407,7 +413,7 @@ class Orchestrator:
                 pairs.append(PairResult(sentence=-1, task=task.name, error=ErrorInfo.from_exception(error)))
         partial = any(p.error is not None for p in pairs)
         now = self.clock.now()
-        result = DocumentResult(
+        result = DocumentResult.model_construct(  # every field is built here from validated parts
             id=state.document.id,
             text=state.document.text,
             metadata=state.document.metadata,

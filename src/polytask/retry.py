@@ -47,20 +47,20 @@ class RetryPolicy(BaseModel):
     Attributes:
         attempts: the most attempts per call, the first included (default 6).
         timeout: the most seconds spent on one call across its attempts, or None (default None).
-        wait_initial: the first backoff, seconds (default 0.5).
+        wait_initial: the first backoff, seconds (default 0.25).
         wait_max: the largest backoff before jitter, seconds (default 30).
         wait_exp_base: growth factor per attempt (default 2).
-        wait_jitter: the most random seconds added to each backoff (default 1).
+        wait_jitter: the most random seconds added to each backoff (default 0.5).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     attempts: int = Field(default=6, ge=1)
     timeout: float | None = Field(default=None, gt=0)
-    wait_initial: float = Field(default=0.5, ge=0)
+    wait_initial: float = Field(default=0.25, ge=0)
     wait_max: float = Field(default=30.0, ge=0)
     wait_exp_base: float = Field(default=2.0, ge=1)
-    wait_jitter: float = Field(default=1.0, ge=0)
+    wait_jitter: float = Field(default=0.5, ge=0)
 
     def backoff(self, attempt: int, exc: BaseException | None, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based) that raised ``exc``."""
