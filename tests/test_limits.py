@@ -115,8 +115,9 @@ async def test_learning_sends_one_probe_then_follows_the_headers():
             tg.start_soon(call, i)
         await anyio.lowlevel.checkpoint()
         assert started == []  # everyone waits for the probe's answer
-        limiter.observe(RateLimitHeaders(limit_requests=60, remaining_requests=2, limit_tokens=1000,
-                                         remaining_tokens=900))
+        limiter.observe(
+            RateLimitHeaders(limit_requests=60, remaining_requests=2, limit_tokens=1000, remaining_tokens=900)
+        )
     assert limiter.rpm == 60 and limiter.tpm == 1000
     # 2 requests were left: two go at once, the third waits one second for a refill
     assert started == [(0, 0.0), (1, 0.0), (2, pytest.approx(1.0))]

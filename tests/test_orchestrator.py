@@ -263,3 +263,62 @@ def test_configuration_errors():
         pt.Orchestrator(b, [pt.Sentiment(), pt.Sentiment()])
     with pytest.raises(pt.ConfigurationError):
         pt.Orchestrator(b, [pt.Sentiment()], max_concurrency=0)
+
+
+async def test_limits_learned_from_headers_without_429s(simulator):
+    sim = simulator(rpm=300, tpm=200_000)
+    async with orchestrator(sim, tasks=[pt.Sentiment()], clock=pt.MonotonicClock()) as orch:
+        assert orch.limiter.rpm is None  # nothing configured
+        results = await orch.run([f"Sentence {i}." for i in range(80)])
+    assert errors_of(results) == []
+    assert orch.limiter.rpm == 300 and orch.limiter.tpm == 200_000
+    assert sim.stats.outcomes.get("rate_limit", 0) == 0
+
+
+async def test_learned_completion_cap_and_full_retry_on_cut_off():
+    caps = []
+
+    def fn(request):
+        caps.append(request.max_tokens)
+        long = len(caps) == 30
+        needed = 200 if long else 10
+        if request.max_tokens < needed:
+            return pt.ChatResponse(
+                content='{"label": "pos', finish_reason="length", completion_tokens=request.max_tokens
+            )
+        return pt.ChatResponse(
+            content='{"label": "positive", "score": 0.5}', completion_tokens=needed, prompt_tokens=50
+        )
+
+    task = pt.Sentiment()
+    task.max_tokens = 256
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [task], max_concurrency=1) as orch:
+        results = await orch.run([f"S{i}." for i in range(31)])
+    assert errors_of(results) == []
+    assert caps[:20] == [256] * 20  # the task's own max_tokens until 20 answers are seen
+    learned = caps[20]
+    assert learned == 13 + 16  # then the largest answer seen (10) plus a quarter, plus 16
+    assert caps[29] == learned and caps[30] == 256  # cut off under the learned cap: asked again in full
+    assert results[29].pairs[0].attempts == 2
+
+
+async def test_circuit_breaker_stops_hammering_a_dead_server():
+    clock = FakeClock()
+    calls = []
+
+    def fn(request):
+        calls.append(clock.now())
+        raise pt.ServerError("down", status_code=500)
+
+    async with pt.Orchestrator(
+        pt.FunctionBackend(fn),
+        [pt.Sentiment()],
+        clock=clock,
+        max_concurrency=4,
+        retry=pt.RetryPolicy(attempts=3, wait_initial=0, wait_jitter=0),
+    ) as orch:
+        results = await orch.run([f"S{i}." for i in range(20)])
+    assert all(r.partial for r in results)
+    assert orch.breaker.opened >= 1
+    # after ten failures in a row the breaker holds calls for its cooldown and then probes one at a time
+    assert calls[-1] >= 2.0 and len(calls) == 60

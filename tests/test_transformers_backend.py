@@ -182,3 +182,32 @@ def test_import_polytask_does_not_import_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_same_job_through_the_simulator_and_the_local_backend(tiny, simulator) -> None:
+    """One argument swaps the hosted API for the local model; the merged documents have the same shape."""
+    import polytask as pt
+
+    model, tok = tiny
+    texts = ["Ann lives in Rome. She loves it!", "这是一段文本。它描述了人工智能的应用场景。"]
+
+    def tasks() -> list:
+        return [pt.Sentiment(), pt.Classify(["billing", "delivery"]), pt.Entities(max_tokens=24)]
+
+    async def run(backend) -> list:
+        async with pt.Orchestrator(backend, tasks(), max_concurrency=16) as orch:
+            return await orch.run(texts)
+
+    sim = simulator()
+    hosted = anyio.run(run, pt.OpenAIBackend("sim-model", base_url=sim.base_url, api_key="test-key-0000"))
+    local = anyio.run(run, pt.TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=16))
+    for h, loc in zip(hosted, local, strict=True):
+        assert [s.text for s in h.sentences] == [s.text for s in loc.sentences]
+        assert set(h.results) == set(loc.results) == {"sentiment", "classify", "entities"}
+        for name in h.results:
+            assert type(h.results[name]) is type(loc.results[name])
+        assert len(h.pairs) == len(loc.pairs) == 3 * len(h.sentences)
+        for pair in loc.pairs:  # random weights: enum answers always finish; free strings may hit the cap
+            assert pair.ok or (pair.task == "entities" and pair.error.type == "LengthLimitError")
+        assert all(p.ok for p in loc.pairs if p.task in ("sentiment", "classify"))
+        assert loc.results["sentiment"].coverage == 1.0 and loc.results["classify"].coverage == 1.0

@@ -195,9 +195,6 @@ async def _run(
             except QuotaExceededError as error:
                 err.print(f"[red]stopped:[/] {error}")
                 code = 2
-            finally:
-                with contextlib.suppress(Exception):
-                    await backend.aclose()
             writer.flush(source.invalid)
             if code == 2:  # what was never started still gets its output line
                 for doc in documents:

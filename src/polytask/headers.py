@@ -21,7 +21,9 @@ from .backends.base import RateLimitHeaders
 __all__ = ["parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
 
 _NONE = RateLimitHeaders()
-_NAMES = tuple(f"x-ratelimit-{kind}-{unit}" for kind in ("remaining", "limit", "reset") for unit in ("requests", "tokens"))
+_NAMES = tuple(
+    f"x-ratelimit-{kind}-{unit}" for kind in ("remaining", "limit", "reset") for unit in ("requests", "tokens")
+)
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 

@@ -141,6 +141,7 @@ class Orchestrator:
             latency far above its best) and grow them back (AIMD, :class:`~polytask.concurrency.AdaptiveConcurrency`);
             the current limit is ``orch.concurrency.limit`` (default True).
         learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
+        close_backend: close the backend when the ``async with`` block ends (default True).
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
 
@@ -170,6 +171,7 @@ class Orchestrator:
         temperature: float = 0.0,
         adaptive_concurrency: bool = True,
         learn_limits: bool = True,
+        close_backend: bool = True,
         clock: Clock | None = None,
         segmenter: Callable[..., list[Sentence]] = segment,
     ) -> None:
@@ -215,6 +217,7 @@ class Orchestrator:
             temperature=temperature,
             stats=self.stats,
         )
+        self.close_backend = close_backend
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> Orchestrator:
@@ -226,7 +229,12 @@ class Orchestrator:
         tg, self._tg = self._tg, None
         assert tg is not None
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(*exc_info)
+        try:
+            return await tg.__aexit__(*exc_info)
+        finally:
+            if self.close_backend:
+                with anyio.CancelScope(shield=True):
+                    await self.backend.aclose()
 
     # -- public API --------------------------------------------------------------------------------------------
 
@@ -443,9 +451,7 @@ def run_sync(
     """
 
     async def main() -> list[DocumentResult]:
-        try:
-            return await Orchestrator(backend, tasks, **options).run(documents)
-        finally:
-            await backend.aclose()
+        async with Orchestrator(backend, tasks, **options) as orch:
+            return await orch.run(documents)
 
     return anyio.run(main)
