@@ -78,6 +78,10 @@ def test_failed_documents_give_a_nonzero_exit(tmp_path, monkeypatch):
     result = run_cli(source, "-o", out, "--simulate-faults", "1.0", "--attempts", "1", "-t", "sentiment")
     assert result.exit_code == 1
     assert json.loads(out.read_text())["partial"] is True
+    result = run_cli(
+        source, "-o", out, "--simulate-faults", "1.0", "--attempts", "1", "-t", "sentiment", "--allow-partial"
+    )
+    assert result.exit_code == 0 and json.loads(out.read_text())["partial"] is True
 
 
 def test_unknown_task_is_a_usage_error():

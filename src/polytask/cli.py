@@ -1,7 +1,8 @@
 """The ``polytask`` command: ``polytask run`` for JSON Lines batch jobs, ``polytask simulate`` for a local server.
 
-Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial or any input line was
-invalid (its output line says why); 2 when the run stopped early (insufficient quota) or could not start.
+Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
+``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
+(insufficient quota) or could not start.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ async def _run(
     out: TextIO,
     options: dict[str, Any],
     progress: bool,
+    allow_partial: bool,
 ) -> int:
     total = source.count()
     writer = _Writer(out)
@@ -189,7 +191,7 @@ async def _run(
                 async for result in orch.stream(documents):
                     writer.put(result.metadata["_seq"], _result_record(result))
                     writer.flush(source.invalid)
-                    if result.partial:
+                    if result.partial and not allow_partial:
                         code = 1
                     refresh()
             except QuotaExceededError as error:
@@ -239,6 +241,9 @@ def run(
     simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
     simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
+    allow_partial: Annotated[
+        bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
+    ] = False,
 ) -> None:
     """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
     tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
@@ -257,7 +262,8 @@ def run(
         }
         source = _Input(input, text_field, id_field)
         with output.open("w", encoding="utf-8") as out:
-            code = anyio.run(_run, the_backend, tasks, source, out, options, progress and sys.stderr.isatty())
+            show = progress and sys.stderr.isatty()
+            code = anyio.run(_run, the_backend, tasks, source, out, options, show, allow_partial)
     raise typer.Exit(code)
 
 

@@ -1,0 +1,5 @@
+"""``python -m polytask`` is the ``polytask`` command."""
+
+from .cli import main
+
+main()
