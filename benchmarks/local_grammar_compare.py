@@ -293,10 +293,19 @@ class LMFormatEnforcer(Library):
     def init(self, tok: Any, vocab: int, stop: list[int]) -> None:
         super().init(tok, vocab, stop)
         import lmformatenforcer
-        from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
 
         self.lmfe = lmformatenforcer
-        self.data = build_token_enforcer_tokenizer_data(tok, vocab_size=vocab)
+        try:
+            from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
+
+            self.data = build_token_enforcer_tokenizer_data(tok, vocab_size=vocab)
+            self.integration = "lmformatenforcer.integrations.transformers"
+        except ImportError as exc:
+            # 0.11.3's transformers integration imports transformers.tokenization_utils, gone in transformers 5
+            # (the ImportError is re-raised as "transformers is not installed"): the same tokenizer data, built
+            # here the way that module builds it.
+            self.integration = f"own copy of build_token_enforcer_tokenizer_data (integration: ImportError: {exc})"
+            self.data = _lmfe_tokenizer_data(tok, vocab)
         self.root = int(tok.convert_tokens_to_ids("\n"))  # a stand-in "prompt" token: states are keyed by tokens
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -319,6 +328,27 @@ class LMFormatEnforcer(Library):
         return True
 
 
+def _lmfe_tokenizer_data(tok: Any, vocab: int) -> Any:
+    """lmformatenforcer.integrations.transformers.build_token_enforcer_tokenizer_data (0.11.3), without the
+    transformers 4 imports of that module."""
+    from lmformatenforcer import TokenEnforcerTokenizerData
+
+    token_0 = tok.encode("0")[-1]
+    special = set(tok.all_special_ids)
+    regular = []
+    for idx in range(vocab):
+        if idx in special:
+            continue
+        after_0 = tok.decode([token_0, idx])[1:]  # a leading space survives after "0"
+        alone = tok.decode([idx])
+        regular.append((idx, after_0, len(after_0) > len(alone)))
+
+    def decode(ids: list[int]) -> str:
+        return str(tok.decode(ids)).rstrip("\ufffd")
+
+    return TokenEnforcerTokenizerData(regular, decode, tok.eos_token_id, False, vocab)
+
+
 LIBRARIES = [XGrammar, LLGuidance, OutlinesCore, LMFormatEnforcer]
 
 
@@ -335,7 +365,7 @@ def prefill(model: Any, rows: list[list[int]], pad: int) -> dict[str, Any]:
         ids[i, width - len(r) :] = torch.tensor(r)
         attn[i, width - len(r) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     return {"cache": out.past_key_values, "logits": out.logits[:, -1].float(), "attn": attn, "pos": pos[:, -1] + 1}
 
@@ -343,7 +373,7 @@ def prefill(model: Any, rows: list[list[int]], pad: int) -> dict[str, Any]:
 def step(model: Any, state: dict[str, Any], feed: torch.Tensor) -> torch.Tensor:
     """One decode forward pass for the whole batch; returns the next logits."""
     state["attn"] = torch.cat([state["attn"], torch.ones((feed.shape[0], 1), dtype=torch.long)], dim=1)
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model(
             input_ids=feed[:, None],
             attention_mask=state["attn"],
@@ -450,6 +480,8 @@ def run_library(
         res["skipped"] = f"set-up failed: {type(exc).__name__}: {exc}"
         return res
     res["init_s"] = time.perf_counter() - t0
+    if getattr(lib, "integration", None):
+        res["integration"] = lib.integration
     compiled: dict[str, Any] = {}
     res["compile"], res["compile_errors"] = {}, {}
     for name, task, _ in tasks():
@@ -697,6 +729,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
         if "skipped" in r:
             continue
         notes = []
+        if "own copy" in r.get("integration", ""):
+            notes.append(f"set up through an {r['integration']}")
         for name, err in r["compile_errors"].items():
             notes.append(f"cannot compile {name}: {err}")
         if r["probes"]["false_accept"]:

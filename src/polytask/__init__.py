@@ -41,11 +41,12 @@ from .exceptions import (
     RateLimitError,
     RefusalError,
     RequestTooLargeError,
+    RunStopped,
     ServerError,
     UnprocessableEntityError,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
-from .orchestrator import Orchestrator, RunStats, RunStopped, run_sync
+from .orchestrator import Orchestrator, RunStats, run_sync
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks import (

@@ -7,6 +7,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── ConfigurationError          bad settings (a negative RPM, an unknown task name, …)
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
+    ├── RunStopped                  a pair never sent because the run stopped (insufficient quota)
     ├── BackendError                the call did not produce an answer
     │   ├── APIConnectionError      the connection failed or was reset            (retried)
     │   │   └── APITimeoutError     no answer within the timeout                   (retried)
@@ -50,6 +51,7 @@ __all__ = [
     "RateLimitError",
     "RefusalError",
     "RequestTooLargeError",
+    "RunStopped",
     "ServerError",
     "UnprocessableEntityError",
 ]
@@ -97,6 +99,10 @@ class RequestTooLargeError(PolytaskError):
         )
         self.tokens = tokens
         self.tpm = tpm
+
+
+class RunStopped(PolytaskError):
+    """A pair was not sent because the run stopped (a 429 ``insufficient_quota``); the work done is kept."""
 
 
 class BackendError(PolytaskError):

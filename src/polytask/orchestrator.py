@@ -30,7 +30,7 @@ from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .estimates import PromptEstimator, cached_tiktoken_counter
-from .exceptions import ConfigurationError, InputError, PolytaskError, QuotaExceededError
+from .exceptions import ConfigurationError, InputError, PolytaskError, QuotaExceededError, RunStopped
 from .limits import Clock, MonotonicClock, RateLimiter
 from .prompts import build_messages
 from .retry import RetryPolicy
@@ -44,10 +44,6 @@ logger = logging.getLogger("polytask")
 DocumentInput = str | tuple[str, str] | Document | dict[str, Any]
 """A document as callers may pass it: its text, an ``(id, text)`` pair, a :class:`Document`, or a dict with
 ``text`` (and optionally ``id``; other keys become metadata)."""
-
-
-class RunStopped(PolytaskError):
-    """A pair was not sent because the run stopped (insufficient quota, or the input failed)."""
 
 
 @dataclass
