@@ -96,3 +96,42 @@ def test_missing_api_key_is_reported(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     result = run_cli(DATA / "oracle_sample.jsonl", "-o", tmp_path / "o.jsonl")
     assert result.exit_code == 2 and "OPENAI_API_KEY" in result.output
+
+
+def test_output_equal_to_input_is_refused_and_the_input_kept(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "Keep me."}\n')
+    result = run_cli(source, "-o", source, "--simulate")
+    assert result.exit_code == 2 and "is the input file" in result.output
+    assert source.read_text() == '{"text": "Keep me."}\n'
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rpm", "0"], "--rpm must be greater than 0"),
+        (["--tpm", "-1"], "--tpm must be greater than 0"),
+        (["--concurrency", "0"], "--concurrency must be greater than 0"),
+        (["--attempts", "0"], "--attempts must be greater than 0"),
+        (["--timeout", "0"], "--timeout must be greater than 0"),
+        (["--simulate-faults", "2"], "--simulate-faults is a share"),
+    ],
+)
+def test_impossible_numbers_are_usage_errors_that_keep_the_old_output(tmp_path, args, message):
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous results\n")
+    result = run_cli(DATA / "oracle_sample.jsonl", "-o", out, "--simulate", *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert out.read_text() == "previous results\n"
+
+
+def test_missing_output_folder_is_a_clear_error(tmp_path):
+    result = run_cli(DATA / "oracle_sample.jsonl", "-o", tmp_path / "no" / "such" / "out.jsonl", "--simulate")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_missing_text_field_is_named(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "txt": "typo"}\n')
+    result = run_cli(source, "-o", tmp_path / "o.jsonl", "--simulate", "-t", "sentiment")
+    assert result.exit_code == 1 and "line 1: field 'text' is missing" in result.output

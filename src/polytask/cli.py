@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, NoReturn, TextIO
 
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -76,7 +78,11 @@ class _Input:
         text = data.get(self.text_field)
         doc_id = str(data.get(self.id_field, number))
         if not isinstance(text, str):
-            message = f"line {number}: field {self.text_field!r} must be a string, got {type(text).__name__}"
+            message = (
+                f"line {number}: field {self.text_field!r} is missing"
+                if self.text_field not in data
+                else f"line {number}: field {self.text_field!r} must be a string, got {type(text).__name__}"
+            )
             return {"id": doc_id, "line": number, "error": {"type": "InputError", "message": message}}
         metadata = {k: v for k, v in data.items() if k not in (self.text_field, self.id_field)}
         return Document(id=doc_id, text=text, metadata={**metadata, "line": number})
@@ -92,7 +98,7 @@ class _Input:
                 if isinstance(record, Document):
                     yield record.model_copy(update={"metadata": {**record.metadata, "_seq": seq}})
                 else:
-                    err.print(f"[yellow]skipped[/] {record['error']['message']}")
+                    err.print(f"[yellow]skipped[/] {escape(record['error']['message'])}", soft_wrap=True)
                     self.invalid[seq] = record
                     self.invalid_count += 1
 
@@ -195,7 +201,7 @@ async def _run(
                         code = 1
                     refresh()
             except QuotaExceededError as error:
-                err.print(f"[red]stopped:[/] {error}")
+                err.print(f"[red]stopped:[/] {escape(str(error))}", soft_wrap=True)
                 code = 2
             writer.flush(source.invalid)
             if code == 2:  # what was never started still gets its output line
@@ -222,7 +228,9 @@ def run(
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
     backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
     model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL [env: OPENAI_BASE_URL].")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")
+    ] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
     concurrency: Annotated[int, typer.Option(help="Most calls in flight.")] = 64,
@@ -247,6 +255,20 @@ def run(
 ) -> None:
     """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
     tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
+    _check_numbers(
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        concurrency=concurrency,
+        attempts=attempts,
+        context=context,
+        simulate_faults=simulate_faults,
+        simulate_latency=simulate_latency,
+    )
+    if output.exists() and output.resolve() == input.resolve():
+        _fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
+    if not output.parent.is_dir():
+        _fail(f"the output folder {output.parent} does not exist")
     stack = contextlib.ExitStack()
     with stack:
         if simulate or simulate_oracle is not None or simulate_faults or simulate_latency:
@@ -261,10 +283,33 @@ def run(
             "context_sentences": context,
         }
         source = _Input(input, text_field, id_field)
-        with output.open("w", encoding="utf-8") as out:
+        # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that fails to start
+        partial_path = output.with_name(f".{output.name}.{os.getpid()}.partial")
+        with partial_path.open("w", encoding="utf-8") as out:
             show = progress and sys.stderr.isatty()
             code = anyio.run(_run, the_backend, tasks, source, out, options, show, allow_partial)
+        os.replace(partial_path, output)
     raise typer.Exit(code)
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _check_numbers(**values: float | None) -> None:
+    """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
+    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts")
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in positive and not value > 0:
+            _fail(f"--{name.replace('_', '-')} must be greater than 0, got {value:g}")
+        if not value >= 0:
+            _fail(f"--{name.replace('_', '-')} must be 0 or more, got {value:g}")
+    faults = values.get("simulate_faults") or 0
+    if faults > 1:
+        _fail(f"--simulate-faults is a share of calls, from 0 to 1, got {faults:g}")
 
 
 def _make_backend(
@@ -280,8 +325,7 @@ def _make_backend(
 
             return TransformersBackend(model)
     except PolytaskError as error:
-        err.print(f"[red]error:[/] {error}")
-        raise typer.Exit(2) from None
+        _fail(str(error))
     raise typer.BadParameter(f"unknown backend {kind!r}; expected openai or local", param_hint="--backend")
 
 

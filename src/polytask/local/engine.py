@@ -34,6 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+# The engine passes ``past_key_values=``, the argument transformers 5.17 (the GPU image's) knows; 5.2x renamed it
+# ``cache`` and warns on every forward call. Same behaviour on both; the warning says nothing to a polytask user.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+
 __all__ = ["Engine", "GenRequest", "GenResult", "SlotCache"]
 
 

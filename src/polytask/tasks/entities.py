@@ -81,10 +81,10 @@ class Entities(Task[EntitiesAnswer]):
     Args:
         name: result key (default ``"entities"``).
         instruction: replaces the default instruction.
-        max_tokens: the most completion tokens per answer (default 256: about 20 entities).
+        max_tokens: the most completion tokens per answer (default 512: about 40 entities).
     """
 
-    def __init__(self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 256) -> None:
+    def __init__(self, name: str = "entities", *, instruction: str | None = None, max_tokens: int = 512) -> None:
         super().__init__(name, EntitiesAnswer, instruction or _INSTRUCTION, max_tokens=max_tokens)
 
     def postprocess(self, document_text: str, sentence: Sentence, answer: EntitiesAnswer) -> list[Entity]:
