@@ -394,8 +394,7 @@ class Orchestrator:
         except Exception as error:  # a task's postprocess failed: the pair ends as a typed error all the same
             logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
             return self._failed(pair, error, answer.attempts, answer.reasked)
-        # built from validated parts: construct without re-validating (this runs once per call)
-        return PairResult.model_construct(
+        return PairResult(
             sentence=sentence.index,
             task=task.name,
             answer=value,
@@ -417,7 +416,7 @@ class Orchestrator:
                 pairs.append(PairResult(sentence=-1, task=task.name, error=ErrorInfo.from_exception(error)))
         partial = any(p.error is not None for p in pairs)
         now = self.clock.now()
-        result = DocumentResult.model_construct(  # every field is built here from validated parts
+        result = DocumentResult(
             id=state.document.id,
             text=state.document.text,
             metadata=state.document.metadata,
