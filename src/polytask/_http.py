@@ -48,6 +48,7 @@ class AiohttpClient:
     def __init__(self, max_connections: int = 512) -> None:
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -63,10 +64,11 @@ class AiohttpClient:
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes]:
         session = self._open()
+        limit = self._timeouts.get(timeout)
+        if limit is None:
+            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with session.post(
-                url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as response:
+            async with session.post(url, data=body, headers=headers, timeout=limit) as response:
                 return response.status, response.headers, await response.read()
         except TimeoutError:  # aiohttp raises asyncio's, which is the builtin TimeoutError on 3.11+
             raise APITimeoutError(f"no response within {timeout:g} s") from None
