@@ -135,3 +135,19 @@ def test_missing_text_field_is_named(tmp_path):
     source.write_text('{"id": "a", "txt": "typo"}\n')
     result = run_cli(source, "-o", tmp_path / "o.jsonl", "--simulate", "-t", "sentiment")
     assert result.exit_code == 1 and "line 1: field 'text' is missing" in result.output
+
+
+def test_insufficient_quota_stops_and_still_writes_every_line(tmp_path, monkeypatch):
+    import polytask.cli as cli
+    from polytask.testing import SimulatorConfig
+
+    monkeypatch.setattr(cli, "_simulator_config", lambda *a: SimulatorConfig(faults={"insufficient_quota": 1.0}))
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}. Two sentences."}}\n' for i in range(300)))
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "2")
+    assert result.exit_code == 2 and "stopped:" in result.output and "quota" in result.output.lower()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [f"d{i}" for i in range(300)]  # every input line has its output line
+    assert any(r.get("error", {}).get("type") == "RunStopped" for r in lines)  # never started
+    assert any(r.get("partial") for r in lines)  # taken in, then stopped

@@ -126,6 +126,15 @@ class _Writer:
             self.written += 1
         self.out.flush()
 
+    def drain(self, invalid: dict[int, dict[str, Any]]) -> None:
+        """Write whatever is still buffered, in order, even across a gap (nothing buffered is ever dropped)."""
+        self.buffer.update(invalid)
+        invalid.clear()
+        for seq in sorted(self.buffer):
+            self.out.write(json.dumps(self.buffer.pop(seq), ensure_ascii=False) + "\n")
+            self.written += 1
+        self.out.flush()
+
 
 def _result_record(result: DocumentResult) -> dict[str, Any]:
     data = result.to_json_dict()
@@ -212,6 +221,7 @@ async def _run(
                     }
                     writer.put(doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped})
                 writer.flush(source.invalid)
+            writer.drain(source.invalid)
             refresh()
     if source.invalid_count or writer.written < total:
         code = max(code, 1)

@@ -326,8 +326,11 @@ class Orchestrator:
         self, documents: Iterable[Any] | AsyncIterable[Any], send: MemoryObjectSendStream[_Pair], job: _Job
     ) -> None:
         position = 0
-        async for item in _aiter(documents):
-            if job.stop_reading:
+        items = _aiter(documents)
+        while not job.stop_reading:  # checked before each read: an item read after a stop would be lost
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
                 break
             try:
                 document = _coerce(item, position)
