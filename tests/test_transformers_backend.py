@@ -20,17 +20,13 @@ pytest.importorskip("xgrammar")
 
 import anyio  # noqa: E402
 
+from local_models import build  # noqa: E402
 from polytask.backends.base import ChatRequest  # noqa: E402
 from polytask.backends.transformers import TransformersBackend  # noqa: E402
-from polytask.exceptions import ConfigurationError  # noqa: E402
+from polytask.exceptions import BackendError, ConfigurationError  # noqa: E402
 from polytask.local.engine import Engine, GenRequest  # noqa: E402
 from polytask.local.model import ModelNotFoundError  # noqa: E402
 from polytask.tasks.base import strict_json_schema  # noqa: E402
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class Entity(BaseModel):
@@ -45,40 +41,6 @@ class Entities(BaseModel):
 class Sentiment(BaseModel):
     label: Literal["positive", "negative", "neutral"]
     confident: bool
-
-
-def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-@pytest.fixture(scope="module")
-def tiny() -> tuple[object, object]:
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model, tok
 
 
 def request(sentence: str, schema: type[BaseModel], max_tokens: int = 200) -> ChatRequest:
@@ -211,3 +173,96 @@ def test_same_job_through_the_simulator_and_the_local_backend(tiny, simulator) -
             assert pair.ok or (pair.task == "entities" and pair.error.type == "LengthLimitError")
         assert all(p.ok for p in loc.pairs if p.task in ("sentiment", "classify"))
         assert loc.results["sentiment"].coverage == 1.0 and loc.results["classify"].coverage == 1.0
+
+
+class Note(BaseModel):
+    text: str
+
+
+def endless_strings():
+    """A tiny model that never closes a JSON string: string answers always run to ``max_tokens``."""
+    model, tok = build()
+    quote = tok.convert_tokens_to_ids('"')
+
+    def hook(module, args, output):
+        output[..., quote] = -1e9  # still above the grammar's -inf, so a required quote is taken
+        return output
+
+    model.lm_head.register_forward_hook(hook)
+    return model, tok
+
+
+async def until(condition) -> None:
+    """Wait for the engine thread's progress (it has no event to await)."""
+    while not condition():  # noqa: ASYNC110
+        await anyio.sleep(0.005)
+
+
+def test_a_cancelled_call_frees_its_row_at_the_next_step() -> None:
+    model, tok = endless_strings()
+
+    async def main() -> tuple[int, object]:
+        backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=2, max_wait=0)
+        with anyio.CancelScope() as scope:
+
+            async def cancel_soon() -> None:
+                await until(lambda: backend.stats["steps"] >= 3)
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_soon)
+                await backend.complete(request("Anna went to Rome.", Note, max_tokens=500))
+        assert scope.cancelled_caught
+        answer = await backend.complete(request("Hi.", Sentiment))
+        steps = backend.stats["steps"]
+        await backend.aclose()
+        return steps, answer
+
+    steps, answer = anyio.run(main)
+    Sentiment.model_validate_json(answer.content)
+    assert steps < 100  # the cancelled answer (500 tokens) stopped decoding
+
+
+def test_aclose_answers_every_waiting_call_and_refuses_new_ones() -> None:
+    model, tok = endless_strings()
+
+    async def main() -> list:
+        backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=1, max_wait=0)
+        outcomes: list = []
+
+        async def call() -> None:
+            try:
+                outcomes.append(await backend.complete(request("Anna went to Rome.", Note, max_tokens=500)))
+            except Exception as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(call)
+            await until(lambda: backend.stats["steps"] >= 2)
+            await backend.aclose()
+        with pytest.raises(BackendError, match="closed"):
+            await backend.complete(request("Hi.", Sentiment))
+        return outcomes
+
+    outcomes = anyio.run(main)
+    assert len(outcomes) == 3 and all(isinstance(o, BackendError) for o in outcomes), outcomes
+    assert sum("before this call ran" in str(o) for o in outcomes) == 2  # the two still waiting
+    assert sum("cancelled" in str(o) for o in outcomes) == 1  # the one being decoded
+
+
+def test_continuous_batching_refills_rows_as_answers_finish(tiny) -> None:
+    """More calls than rows: finished rows take waiting calls, the answers equal a one-at-a-time run."""
+    model, tok = tiny
+
+    async def main(max_batch_size: int) -> tuple[list, dict]:
+        backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=max_batch_size, max_wait=0)
+        answers = await gather(backend, [request(s, Sentiment, max_tokens=30) for s in SENTENCES[:10]])
+        stats = backend.stats
+        await backend.aclose()
+        return answers, stats
+
+    together, stats = anyio.run(main, 4)
+    alone, _ = anyio.run(main, 1)
+    assert stats["rows"] == 10 and stats["batches"] >= 3  # rows were refilled (≤ 4 at once)
+    assert [a.content for a in together] == [a.content for a in alone]

@@ -1,11 +1,11 @@
 """A local transformers model behind the backend seam: offline, batched, grammar-constrained.
 
 ``TransformersBackend`` answers :class:`~polytask.backends.base.ChatRequest` s with a local causal LM. Concurrent
-``complete()`` calls are gathered into batches (up to ``max_batch_size``, waiting at most ``max_wait`` seconds for
-more while the model is busy or the batch is not full), sorted by answer schema and prompt length so that padding
-is small, and run on one worker thread by :class:`polytask.local.engine.Engine` (shared prompt prefix computed
-once, fixed-shape decode steps, CUDA graphs on GPUs). Every answer is decoded under the request's JSON schema with
-xgrammar, so it always parses unless it hits ``max_tokens`` (``finish_reason == "length"``).
+``complete()`` calls wait in a queue that one engine thread serves with :class:`polytask.local.engine.Engine`:
+up to ``max_batch_size`` answers decode together, a row whose answer is done takes the next waiting call
+(continuous batching), the shared prompt prefix is computed once, decode steps have fixed shapes (CUDA graphs on
+GPUs). Every answer is decoded under the request's JSON schema with xgrammar, so it always parses unless it hits
+``max_tokens`` (``finish_reason == "length"``). A cancelled call frees its row at the next decode step.
 
 torch and transformers are imported only here and in :mod:`polytask.local`; ``import polytask`` never does.
 
@@ -17,29 +17,21 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..exceptions import BackendError, BadRequestError, ConfigurationError
+from ..exceptions import BackendError, BadRequestError, ConfigurationError, PolytaskError
 from .base import ChatRequest, ChatResponse
 
+if TYPE_CHECKING:
+    from ..local.engine import GenResult
+    from ..local.queue import Call
+
 __all__ = ["TransformersBackend"]
-
-
-@dataclass(eq=False)
-class _Pending:
-    request: ChatRequest
-    started: float
-    done: anyio.Event = field(default_factory=anyio.Event)
-    response: ChatResponse | None = None
-    error: BaseException | None = None
 
 
 class TransformersBackend:
@@ -54,9 +46,9 @@ class TransformersBackend:
         tokenizer: the tokenizer, when ``model`` is a loaded model object.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype / its name.
-        max_batch_size: the most rows decoded together (larger gatherings are split, by length).
-        max_wait: seconds a new batch waits for more calls before it starts (it also keeps gathering while the
-            previous batch runs).
+        max_batch_size: the most answers decoded together (rows of the engine's batch).
+        max_wait: seconds an idle engine waits for more calls before it starts decoding (later calls join rows
+            as they free up).
         max_new_tokens: a cap on every answer's tokens, over ``request.max_tokens``.
         cpu_threads: torch's intra-op threads on CPU (default: half the cores, at least 1; on a 2-core machine
             1 thread is much steadier than 2 when anything else runs).
@@ -100,6 +92,7 @@ class TransformersBackend:
             from ..local.engine import Engine
             from ..local.grammar import GrammarCache
             from ..local.model import load_model
+            from ..local.queue import CallQueue
         except ImportError as exc:
             raise ConfigurationError(
                 f"the local backend needs the `local` extra: pip install 'polytask[local]' ({exc})"
@@ -135,12 +128,22 @@ class TransformersBackend:
         vocab = int(cfg.get_text_config().vocab_size if hasattr(cfg, "get_text_config") else cfg.vocab_size)
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
         self.grammars = GrammarCache(tok, vocab, sorted(stop))
-        self.engine = Engine(self.model, stop_token_ids=sorted(stop), pad_token_id=pad, cuda_graphs=cuda_graphs)
-        self._pending: list[_Pending] = []
-        self._leading = False
-        self._full: anyio.Event | None = None
-        self._busy = anyio.Lock()
-        self._worker = anyio.CapacityLimiter(1)
+        self.engine = Engine(
+            self.model,
+            stop_token_ids=sorted(stop),
+            pad_token_id=pad,
+            cuda_graphs=cuda_graphs,
+            grammar_vocab=self.grammars.vocab_size,
+        )
+        self._queue = CallQueue(
+            self.engine,
+            max_rows=max_batch_size,
+            max_wait=max_wait,
+            prepare=self._prepare,
+            respond=self._respond,
+            grammar_matcher=self.grammars.matcher,
+        )
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"TransformersBackend(name={self.name!r}, device={str(self.engine.device)!r})"
@@ -157,105 +160,79 @@ class TransformersBackend:
         await self.aclose()
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
-        """Answer one call; gathered with concurrent calls into one batch.
+        """Answer one call; decoded together with concurrent calls.
 
         Raises:
-            BadRequestError: the prompt plus ``max_tokens`` exceeds the model's context.
-            BackendError: the model failed (out of memory, …); the message says why.
+            BadRequestError: the prompt plus ``max_tokens`` exceeds the model's context, or the schema does not
+                compile.
+            BackendError: the model failed (out of memory, …; the message says why), or the backend is closed.
         """
-        item = _Pending(request, time.monotonic())
-        self._pending.append(item)
-        if self._full is not None and len(self._pending) >= self.max_batch_size:
-            self._full.set()
-        if not self._leading:
-            self._leading = True
-            with anyio.CancelScope(shield=True):  # followers depend on the leader finishing the batch
-                await self._lead()
-        await item.done.wait()
-        if item.error is not None:
-            raise item.error
-        assert item.response is not None
-        return item.response
+        if self._closed:
+            raise BackendError(f"{self.name}: the backend is closed")
+        outcome = await self._queue.submit(request)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, ChatResponse)
+        return outcome
 
-    async def _lead(self) -> None:
-        self._full = full = anyio.Event()
-        if len(self._pending) < self.max_batch_size:
-            with anyio.move_on_after(self.max_wait):
-                await full.wait()
-        async with self._busy:  # keeps gathering while the previous batch runs
-            batch, self._pending = self._pending, []
-            self._leading, self._full = False, None
-            try:
-                outcomes = await anyio.to_thread.run_sync(self._run, [p.request for p in batch], limiter=self._worker)
-            except Exception as exc:
-                outcomes = [_translate(exc)] * len(batch)
-        now = time.monotonic()
-        for p, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                p.error = outcome
-            else:
-                p.response = dataclasses.replace(outcome, latency=now - p.started)
-            p.done.set()
-
-    def _run(self, requests: list[ChatRequest]) -> list[ChatResponse | BaseException]:
-        """Worker thread: tokenize, group by (schema, length), decode each group, detokenize."""
+    # ------------------------------------------------------------ engine thread (callbacks of the CallQueue)
+    def _prepare(self, calls: list[Call]) -> list[Call]:
+        """Tokenize (chat template, one batched call) and attach each call's grammar; answer bad calls here."""
         from ..local.engine import GenRequest
 
         tok = self.tokenizer
-        convs = [list(r.messages) for r in requests]
-        encoded = tok.apply_chat_template(convs, add_generation_prompt=True, tokenize=True)
+        encoded = tok.apply_chat_template(
+            [list(c.payload.messages) for c in calls], add_generation_prompt=True, tokenize=True
+        )
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        outcomes: list[ChatResponse | BaseException | None] = [None] * len(requests)
-        work: list[tuple[str, int, int]] = []
-        grammars: dict[str, Any] = {}
-        for i, (r, p) in enumerate(zip(requests, ids, strict=True)):
+        ready = []
+        for call, prompt in zip(calls, ids, strict=True):
+            r: ChatRequest = call.payload
             cap = min(r.max_tokens, self.max_new_tokens)
-            if len(p) + cap > self.max_context:
-                outcomes[i] = BadRequestError(
-                    f"prompt of {len(p)} tokens + max_tokens {cap} exceeds the model's context of "
-                    f"{self.max_context} tokens",
-                    status_code=400,
+            if len(prompt) + cap > self.max_context:
+                call.finish(
+                    BadRequestError(
+                        f"prompt of {len(prompt)} tokens + max_tokens {cap} exceeds the model's context of "
+                        f"{self.max_context} tokens",
+                        status_code=400,
+                    )
                 )
                 continue
-            key = json.dumps(r.json_schema)
-            if key not in grammars:
-                try:
-                    grammars[key] = self.grammars.get(r.json_schema)
-                except Exception as exc:
-                    grammars[key] = BadRequestError(f"cannot compile schema {r.schema_name!r}: {exc}", status_code=400)
-            if isinstance(grammars[key], BaseException):
-                outcomes[i] = grammars[key]
+            try:
+                grammar = self.grammars.get(r.json_schema)
+            except Exception as exc:
+                call.finish(BadRequestError(f"cannot compile schema {r.schema_name!r}: {exc}", status_code=400))
                 continue
-            work.append((key, len(p), i))
-        work.sort()
-        for start in range(0, len(work), self.max_batch_size):
-            chunk = [i for _, _, i in work[start : start + self.max_batch_size]]
-            gens = [
-                GenRequest(
-                    prompt_ids=list(ids[i]),
-                    grammar=grammars[json.dumps(requests[i].json_schema)],
-                    max_new_tokens=min(requests[i].max_tokens, self.max_new_tokens),
-                    temperature=requests[i].temperature,
-                )
-                for i in chunk
-            ]
-            results = self.engine.generate(gens, grammar_matcher=self.grammars.matcher)
-            texts = tok.batch_decode([r.token_ids for r in results], skip_special_tokens=True)
-            for i, res, text in zip(chunk, results, texts, strict=True):
-                outcomes[i] = ChatResponse(
-                    content=text,
-                    finish_reason=res.finish_reason,
-                    prompt_tokens=res.prompt_tokens,
-                    completion_tokens=res.completion_tokens,
-                )
-        return [o if o is not None else BackendError("no answer") for o in outcomes]
+            call.request = GenRequest(
+                prompt_ids=list(prompt), grammar=grammar, max_new_tokens=cap, temperature=r.temperature
+            )
+            ready.append(call)
+        return ready
+
+    def _respond(self, call: Call, outcome: GenResult | BaseException) -> ChatResponse | BaseException:
+        if isinstance(outcome, BaseException):
+            return outcome if isinstance(outcome, PolytaskError) else _translate(outcome)
+        if outcome.finish_reason == "cancelled":
+            return BackendError("the call was cancelled (or the backend closed) before its answer was done")
+        return ChatResponse(
+            content=self.tokenizer.decode(outcome.token_ids, skip_special_tokens=True),
+            finish_reason=outcome.finish_reason,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            latency=time.monotonic() - call.started,
+        )
 
     async def aclose(self) -> None:
-        """Drop the model and its caches (frees GPU memory)."""
+        """Stop the engine (calls still waiting get :class:`~polytask.exceptions.BackendError`; calls being decoded
+        are cancelled) and drop the model and its caches (frees GPU memory)."""
         engine = getattr(self, "engine", None)
         if engine is None:
             return
-        engine._slots.clear()
+        self._closed = True
+        thread = self._queue.close(BackendError(f"{self.name}: the backend was closed before this call ran"))
+        if thread is not None:
+            await anyio.to_thread.run_sync(thread.join)
+        engine._buckets.clear()
         engine._prefix.clear()
         self.engine = None  # type: ignore[assignment]
         self.model = None
@@ -268,7 +245,7 @@ class TransformersBackend:
             pass
 
 
-def _translate(exc: Exception) -> BaseException:
+def _translate(exc: BaseException) -> BaseException:
     """A model failure as a polytask error (out of memory named as such)."""
     text = f"{type(exc).__name__}: {exc}"
     if "out of memory" in text.lower():

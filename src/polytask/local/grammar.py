@@ -14,7 +14,7 @@ import json
 import threading
 from typing import Any
 
-__all__ = ["GrammarCache"]
+__all__ = ["GrammarCache", "unpack_bits"]
 
 
 class GrammarCache:
@@ -22,7 +22,7 @@ class GrammarCache:
 
     Args:
         tokenizer: the model's Hugging Face tokenizer.
-        vocab_size: the model's logits width (``config.vocab_size``; may exceed ``len(tokenizer)``).
+        vocab_size: the model's logits width (``config.vocab_size``; may exceed the tokenizer's size).
         stop_token_ids: the token ids that end an answer once the grammar is complete.
     """
 
@@ -30,7 +30,14 @@ class GrammarCache:
         import xgrammar as xgr
 
         self._xgr = xgr
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        known = max(tokenizer.get_vocab().values(), default=-1) + 1
+        self.vocab_size = min(vocab_size, max(known, max(stop_token_ids, default=-1) + 1))
+        """The bitmasks' width: token ids past the tokenizer's (a model's padded vocabulary: 151,936 logits for
+        151,665 Qwen2.5 tokens) are never allowed, and leaving them out of the grammar's vocabulary keeps xgrammar
+        fast (it treats every id without a token string as special: 13× slower bitmask fills with 100k of them)."""
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=stop_token_ids
+        )
         self._compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -57,3 +64,20 @@ class GrammarCache:
     def matcher(self, compiled: Any) -> Any:
         """A fresh ``xgrammar.GrammarMatcher`` for one answer."""
         return self._xgr.GrammarMatcher(compiled)
+
+
+def unpack_bits(packed: Any, width: int) -> Any:
+    """xgrammar's packed bitmask ``(n, words)`` int32 → ``(n, width)`` bool tensor (bit j of word w allows token
+    ``32 w + j``), by a 256-entry byte table: one gather, no 32× int32 temporary."""
+    import torch
+
+    table = _BIT_TABLES.get(packed.device)
+    if table is None:
+        table = _BIT_TABLES[packed.device] = (
+            (torch.arange(256, device=packed.device)[:, None] >> torch.arange(8, device=packed.device)) & 1
+        ).bool()
+    as_bytes = packed.contiguous().view(torch.uint8).long()
+    return table[as_bytes].view(packed.shape[0], -1)[:, :width]
+
+
+_BIT_TABLES: dict[Any, Any] = {}

@@ -1,0 +1,170 @@
+"""The calls waiting for the local engine, and the one thread that serves them.
+
+``await queue.submit(payload)`` puts a call in the queue and waits for its answer; the first call when nothing is
+being served starts an engine thread (:meth:`Engine.serve <polytask.local.engine.Engine.serve>`), which takes
+waiting calls whenever rows are free and ends when nothing is left. Answers go back to each caller's event loop
+without blocking the engine (``loop.call_soon_threadsafe`` on asyncio). A caller that is cancelled marks its call
+cancelled: the engine skips it, or frees its row at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from .engine import Engine, GenRequest, GenResult
+
+__all__ = ["Call", "CallQueue"]
+
+
+class Call:
+    """One call: its ``payload`` (what the backend was asked), then, once taken, its engine ``request``.
+
+    An :class:`~polytask.local.engine.Job` for :meth:`Engine.serve <polytask.local.engine.Engine.serve>`.
+    """
+
+    def __init__(self, payload: Any, respond: Callable[[Call, GenResult | BaseException], Any]) -> None:
+        self.payload = payload
+        self.request: GenRequest | None = None
+        self.cancelled = False
+        self.started = time.monotonic()
+        self.outcome: Any = None
+        self._respond = respond
+        self._event = anyio.Event()
+        self._wake = _waker(self._event)
+
+    def finish(self, outcome: GenResult | BaseException) -> None:
+        """Engine thread: record the answer (as ``respond`` turns it) and wake the caller."""
+        self.outcome = self._respond(self, outcome)
+        try:
+            self._wake()
+        except RuntimeError:  # the caller's event loop is gone
+            pass
+
+
+def _waker(event: anyio.Event) -> Callable[[], None]:
+    """A thread-safe ``event.set`` for the running event loop (non-blocking on asyncio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio): a blocking hop through anyio
+        token = anyio.lowlevel.current_token()
+
+        def hop() -> None:
+            anyio.from_thread.run_sync(event.set, token=token)
+
+        return hop
+
+    def soon() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return soon
+
+
+class CallQueue:
+    """Waiting calls for one :class:`~polytask.local.engine.Engine` (a ``JobSource``), served by one thread.
+
+    Args:
+        engine: the engine.
+        max_rows: the most calls decoded at once.
+        max_wait: seconds an idle engine waits for more calls (up to ``max_rows``) before it starts.
+        prepare: engine thread: ``prepare(calls) -> ready`` sets each ready call's ``request`` (a
+            :class:`~polytask.local.engine.GenRequest`) and finishes the others with their error.
+        respond: engine thread: ``respond(call, GenResult | exception) -> the caller's outcome``.
+        grammar_matcher: passed to :meth:`Engine.serve <polytask.local.engine.Engine.serve>`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_rows: int,
+        max_wait: float,
+        prepare: Callable[[list[Call]], list[Call]],
+        respond: Callable[[Call, GenResult | BaseException], Any],
+        grammar_matcher: Any,
+    ) -> None:
+        self.engine, self.max_rows, self.max_wait = engine, max_rows, max_wait
+        self.prepare, self.respond, self.grammar_matcher = prepare, respond, grammar_matcher
+        self._lock = threading.Lock()
+        self._waiting: deque[Call] = deque()
+        self._thread: threading.Thread | None = None
+        self._full = threading.Event()
+        self._taken: weakref.WeakSet[Call] = weakref.WeakSet()
+
+    async def submit(self, payload: Any) -> Any:
+        """Queue one call and wait for its outcome (an answer, or an exception instance, as ``respond`` made it).
+
+        Cancelling the caller cancels the call.
+        """
+        call = Call(payload, self.respond)
+        with self._lock:
+            self._waiting.append(call)
+            if len(self._waiting) >= self.max_rows:
+                self._full.set()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="polytask-local-engine", daemon=True)
+                self._thread.start()
+        try:
+            await call._event.wait()
+        except BaseException:
+            call.cancelled = True  # the engine skips it, or frees its row at its next step
+            raise
+        return call.outcome
+
+    def close(self, error: BaseException) -> threading.Thread | None:
+        """Finish every waiting call with ``error``, cancel the calls being decoded; returns the engine thread
+        (join it to wait until the engine stopped) or None."""
+        with self._lock:
+            left, self._waiting = list(self._waiting), deque()
+            thread = self._thread
+        for call in left:
+            call.finish(error)
+        for call in list(self._taken):
+            call.cancelled = True
+        return thread
+
+    # ---------------------------------------------------------------- engine thread
+    def _serve(self) -> None:
+        if self.max_wait and not self._full.is_set():
+            self._full.wait(self.max_wait)  # an idle engine gathers a batch before it starts
+        try:
+            self.engine.serve(self, max_rows=self.max_rows, grammar_matcher=self.grammar_matcher)
+        except BaseException as exc:  # a bug outside a decode step: fail what waits, never hang a caller
+            with self._lock:
+                left, self._waiting = list(self._waiting), deque()
+                self._thread = None
+            for call in left:
+                call.finish(exc)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def idle(self) -> bool:
+        with self._lock:
+            if self._waiting:
+                return False
+            self._thread = None
+            self._full.clear()
+            return True
+
+    def take(self, n: int) -> Sequence[Call]:
+        with self._lock:
+            calls: list[Call] = []
+            while self._waiting and len(calls) < n:
+                call = self._waiting.popleft()
+                if not call.cancelled:
+                    calls.append(call)
+            if len(self._waiting) < self.max_rows:
+                self._full.clear()
+        ready = self.prepare(calls) if calls else []
+        self._taken.update(ready)
+        return ready

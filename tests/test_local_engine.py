@@ -1,0 +1,205 @@
+"""The local decode loop: continuous batching (rows refilled, buckets grown, jobs cancelled), grammar masks,
+failures — every answer compared with plain ``model.generate`` one prompt at a time (tiny random Llama, CPU)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+xgr = pytest.importorskip("xgrammar")
+
+from local_models import build  # noqa: E402
+from polytask.local.engine import Engine, GenRequest, GenResult  # noqa: E402
+from polytask.local.grammar import GrammarCache, unpack_bits  # noqa: E402
+
+
+def greedy(model, tok, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@dataclass(eq=False)
+class ScriptedJob:
+    request: GenRequest
+    cancel_after: int | None = None  # decode steps after which the caller cancels
+    cancelled: bool = False
+    outcome: GenResult | BaseException | None = None
+    finished: int = 0
+
+    def finish(self, outcome) -> None:
+        self.outcome = outcome
+        self.finished += 1
+
+
+@dataclass
+class ScriptedSource:
+    """Jobs that arrive over time: ``arrivals[i]`` is the engine's decode step at which job i starts to wait."""
+
+    engine: Engine
+    jobs: list[ScriptedJob]
+    arrivals: list[int]
+    taken: list[int] = field(default_factory=list)
+    shapes: set = field(default_factory=set)
+
+    def _arrived(self) -> list[int]:
+        now = self.engine.stats["steps"]
+        return [i for i, at in enumerate(self.arrivals) if at <= now and i not in self.taken]
+
+    def waiting(self) -> int:
+        self.shapes.update(self.engine._buckets)
+        for job in self.jobs:
+            if job.cancel_after is not None and self.engine.stats["steps"] >= job.cancel_after:
+                job.cancelled = True
+        return len(self._arrived())
+
+    def take(self, n: int) -> list[ScriptedJob]:
+        picked = self._arrived()[:n]
+        self.taken += picked
+        return [self.jobs[i] for i in picked]
+
+    def idle(self) -> bool:
+        if len(self.taken) < len(self.jobs):  # nothing busy, the next job is due later: time passes
+            self.engine.stats["steps"] += 1
+            return False
+        return True
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    shared = "You label sentences. Answer briefly. " * 2
+    return [tok(shared + f"sentence {i}: " + "word " * (i % 5))["input_ids"] for i in range(n)]
+
+
+def test_rows_are_refilled_and_every_answer_equals_generate(tiny) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 7)
+    caps = [3, 9, 2, 6, 4, 8, 5]  # rows finish at different steps, freed rows are not contiguous
+    jobs = [ScriptedJob(GenRequest(p, max_new_tokens=c, ignore_eos=True)) for p, c in zip(ps, caps, strict=True)]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, admit_every=1)
+    engine.serve(ScriptedSource(engine, jobs, [0] * 7), max_rows=3)
+    assert engine.stats["rows"] == 7 and engine.stats["batches"] > 1  # later jobs joined freed rows
+    assert engine.stats["prefix_tokens_saved"] > 0  # the kept prefix was reused by single joiners
+    for p, c, job in zip(ps, caps, jobs, strict=True):
+        assert isinstance(job.outcome, GenResult) and job.finished == 1
+        assert job.outcome.token_ids == greedy(model, tok, p, c)
+        assert job.outcome.finish_reason == "length" and job.outcome.completion_tokens == c
+        assert job.outcome.prompt_tokens == len(p)
+
+
+def test_bucket_grows_for_late_arrivals_and_longer_prompts(tiny) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 6)
+    ps[5] = ps[5] + tok(" and a much longer tail " * 6)["input_ids"]  # needs more slots than the first bucket
+    jobs = [ScriptedJob(GenRequest(p, max_new_tokens=5, ignore_eos=True)) for p in ps]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    source = ScriptedSource(engine, jobs, [0, 1, 1, 1, 2, 3])
+    engine.serve(source, max_rows=8)
+    assert engine.stats["grown"] >= 2
+    rows = {r for r, _ in source.shapes}
+    slots = {s for _, s in source.shapes}
+    assert min(rows) == 1 and max(rows) >= 4 and len(slots) == 2  # rows 1 → 4 (→ 8), then more slots
+    for p, job in zip(ps, jobs, strict=True):
+        assert isinstance(job.outcome, GenResult)
+        assert job.outcome.token_ids == greedy(model, tok, p, 5)
+
+
+def test_a_cancelled_job_frees_its_row_and_others_are_unaffected(tiny) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 3)
+    jobs = [
+        ScriptedJob(GenRequest(ps[0], max_new_tokens=50, ignore_eos=True), cancel_after=4),
+        ScriptedJob(GenRequest(ps[1], max_new_tokens=6, ignore_eos=True)),
+        ScriptedJob(GenRequest(ps[2], max_new_tokens=6, ignore_eos=True)),
+    ]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    engine.serve(ScriptedSource(engine, jobs, [0, 0, 8]), max_rows=2)  # job 2 gets the cancelled job's row
+    assert isinstance(jobs[0].outcome, GenResult) and jobs[0].outcome.finish_reason == "cancelled"
+    assert jobs[0].outcome.completion_tokens < 50
+    for p, job in zip(ps[1:], jobs[1:], strict=True):
+        assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, 6)
+    assert engine.stats["steps"] < 20
+
+
+def test_stop_tokens_end_answers_and_are_not_returned(tiny) -> None:
+    model, tok = tiny
+    p = prompts(tok, 1)[0]
+    ref = greedy(model, tok, p, 8)
+    stop = ref[3]  # pretend the 4th token is the end of sequence
+    engine = Engine(model, stop_token_ids=[stop], pad_token_id=tok.pad_token_id)
+    (res,) = engine.generate([GenRequest(p, max_new_tokens=8)])
+    cut = ref.index(stop)
+    assert res.finish_reason == "stop" and res.token_ids == ref[:cut] and res.completion_tokens == cut + 1
+
+
+def test_constrained_rows_match_the_grammar_and_never_pick_padding_ids() -> None:
+    model, tok = build(extra_vocab=45)  # logits past the tokenizer, as a padded vocabulary has
+    vocab = model.config.vocab_size
+    grammars = GrammarCache(tok, vocab, [tok.eos_token_id])
+    assert grammars.vocab_size == len(tok) < vocab
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}, "n": {"type": "integer"}},
+        "required": ["label", "n"],
+        "additionalProperties": False,
+    }
+    grammar = grammars.get(schema)
+    with torch.no_grad():  # make the padding ids the model's favourites: only the mask keeps them out
+        model.lm_head.weight[len(tok) :] = model.lm_head.weight[: len(tok)].abs().max() * 4
+    engine = Engine(
+        model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, grammar_vocab=grammars.vocab_size
+    )
+    ps = prompts(tok, 6)
+    reqs = [GenRequest(p, grammar=grammar if i % 2 == 0 else None, max_new_tokens=40) for i, p in enumerate(ps)]
+    results = engine.generate(reqs, grammar_matcher=grammars.matcher)
+    for i, res in enumerate(results):
+        if i % 2 == 0:
+            assert res.finish_reason == "stop", res
+            answer = json.loads(tok.decode(res.token_ids))
+            assert answer["label"] in ("positive", "negative") and isinstance(answer["n"], int)
+            assert max(res.token_ids) < len(tok)
+        else:  # unconstrained rows in the same batch pick what the model likes
+            assert max(res.token_ids) >= len(tok)
+
+
+def test_torch_bitmask_fallback_equals_xgrammar_kernel() -> None:
+    rng = np.random.default_rng(0)
+    width, rows = 1000, 5
+    packed = torch.from_numpy(rng.integers(-(2**31), 2**31, size=(rows, (width + 31) // 32), dtype=np.int64)).to(
+        torch.int32
+    )
+    bits = unpack_bits(packed, width)
+    logits = torch.randn(rows, width)
+    reference = logits.clone()
+    xgr.apply_token_bitmask_inplace(reference, packed, vocab_size=width)
+    assert torch.equal(torch.isinf(reference), ~bits)
+    for row in range(rows):  # bit j of word w is token 32 w + j
+        for t in (0, 31, 32, 999):
+            assert bool(bits[row, t]) == bool((int(packed[row, t // 32]) >> (t % 32)) & 1)
+
+
+def test_a_failing_step_fails_the_rows_then_serving_goes_on(tiny, monkeypatch) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 4)
+    jobs = [ScriptedJob(GenRequest(p, max_new_tokens=4, ignore_eos=True)) for p in ps]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    real_call = engine._call
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_call", flaky)
+    engine.serve(ScriptedSource(engine, jobs, [0, 0, 5, 5]), max_rows=2)
+    assert all(isinstance(j.outcome, RuntimeError) for j in jobs[:2])  # in the failed prefill
+    for p, job in zip(ps[2:], jobs[2:], strict=True):
+        assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, 4)
+    assert all(j.finished == 1 for j in jobs)
