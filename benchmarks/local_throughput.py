@@ -11,6 +11,7 @@ Variants (one table row each):
     generate        plain batched ``model.generate`` at batch size B (equal-length prompts: no padding at all)
     generate-batch  transformers' continuous batching, ``model.generate_batch`` (B = all pairs at once)
     static-compile  ``model.generate`` with ``cache_implementation="static"`` (compiled on CUDA); first call timed apart
+    profile         not a row: torch.profiler's top kernels for one engine batch of the largest B
     polytask        polytask's engine at batch size B (shared prefix once, fixed-shape steps, CUDA graphs on GPU)
     static-json     the engine, JSON-schema constrained, in static batches of B (a batch ends with its longest answer)
     backend-json    ``TransformersBackend.complete`` for every pair concurrently, JSON-schema constrained
@@ -253,6 +254,22 @@ def main() -> None:
                 done += sum(len(r.token_ids) for r in res)
             sync(dev)
             row(results, args, "polytask", b, len(reqs), done, time.perf_counter() - t, **engine.stats)
+        del engine
+    if "profile" in variants:  # where one batch's time goes, kernel by kernel (for the next optimisation)
+        from torch.profiler import ProfilerActivity, profile
+
+        b = max(map(int, args.batches.split(",")))
+        engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id or 0)
+        reqs = [GenRequest(ids, max_new_tokens=n_new, ignore_eos=True) for ids in pool[:b]]
+        engine.generate(reqs)  # warm-up: graphs, prefix
+        sync(dev)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            engine.generate(reqs)
+            sync(dev)
+        key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+        print(f"# profile: one batch of {b} × {n_new} tokens; engine stats {engine.stats}", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
         del engine
     if "generate-batch" in variants:
         try:

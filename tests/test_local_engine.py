@@ -116,12 +116,15 @@ def test_a_cancelled_job_frees_its_row_and_others_are_unaffected(tiny) -> None:
         ScriptedJob(GenRequest(ps[0], max_new_tokens=50, ignore_eos=True), cancel_after=4),
         ScriptedJob(GenRequest(ps[1], max_new_tokens=6, ignore_eos=True)),
         ScriptedJob(GenRequest(ps[2], max_new_tokens=6, ignore_eos=True)),
+        ScriptedJob(GenRequest(ps[2], max_new_tokens=6), cancel_after=0),  # cancelled before it has a row
     ]
     engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    engine.serve(ScriptedSource(engine, jobs, [0, 0, 8]), max_rows=2)  # job 2 gets the cancelled job's row
+    engine.serve(ScriptedSource(engine, jobs, [0, 0, 8, 9]), max_rows=2)  # job 2 gets the cancelled job's row
+    assert jobs[3].finished == 1 and jobs[3].outcome.finish_reason == "cancelled"
+    assert jobs[3].outcome.completion_tokens == 0
     assert isinstance(jobs[0].outcome, GenResult) and jobs[0].outcome.finish_reason == "cancelled"
     assert jobs[0].outcome.completion_tokens < 50
-    for p, job in zip(ps[1:], jobs[1:], strict=True):
+    for p, job in zip(ps[1:], jobs[1:3], strict=True):
         assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, 6)
     assert engine.stats["steps"] < 20
 

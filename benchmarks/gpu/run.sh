@@ -6,14 +6,14 @@
 # embedded model's tokenizer) and .models/qwen-tok/ (the Qwen2.5 vocabulary, from benchmarks/make_qwen_tokenizer.py).
 # Sizes come from the environment so a CPU dry run can shrink them:
 #   DEVICE=cpu SHAPES=smollm2-135m NAIVE=1 GEN=2 BATCHES=4 PAIRS=8 NEW=4 PROMPT=40 bash benchmarks/gpu/run.sh
-# EXTRA (default generate-batch,static-compile) adds transformers' own fast paths for the Qwen shape only
-# (static-compile compiles for ~40-55 s per batch size, so it runs at the largest of GEN only).
+# EXTRA (default profile,generate-batch,static-compile) adds, for the Qwen shape only, a torch.profiler table of one
+# engine batch and transformers' own fast paths (static-compile compiles for ~40-55 s, at the largest of GEN only).
 set -o pipefail
 OUT=${OUT:-/tmp/polytask-gpu-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}; SHAPES=${SHAPES:-"qwen2.5-1.5b smollm2-135m"}
 NAIVE=${NAIVE:-4}; GEN=${GEN:-64,256,1024}; BATCHES=${BATCHES:-256,1024}; PAIRS=${PAIRS:-4096}
 NEW=${NEW:-32}; PROMPT=${PROMPT:-120}; LIMIT=${LIMIT:-160}; QLIMIT=${QLIMIT:-300}
-VARIANTS=${VARIANTS:-naive,generate,polytask,static-json,backend-json}; EXTRA=${EXTRA-generate-batch,static-compile}
+VARIANTS=${VARIANTS:-naive,generate,polytask,static-json,backend-json}; EXTRA=${EXTRA-profile,generate-batch,static-compile}
 if [ "$DEVICE" = cuda ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1

@@ -150,7 +150,8 @@ class TransformersBackend:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``batches``, ``rows``, decode ``steps``, ``prefix_tokens_saved``, CUDA ``graphs`` captured."""
+        """The engine's counters: prefill passes (``batches``), calls admitted (``rows``), decode ``steps``,
+        ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown``, ``prefill_ms`` and ``decode_ms``."""
         return dict(self.engine.stats)
 
     async def __aenter__(self) -> TransformersBackend:

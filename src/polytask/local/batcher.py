@@ -132,7 +132,12 @@ class Batcher:
     def _admit(self, active: int) -> None:
         e = self.e
         rows = max(self.rows, min(self.max_rows, bucket_rows(active + self.source.waiting())))
-        jobs = [j for j in self.source.take(rows - active) if not j.cancelled]
+        jobs = []
+        for job in self.source.take(rows - active):
+            if job.cancelled:  # cancelled between the queue and a row (e.g. the backend is closing)
+                job.finish(GenResult([], "cancelled", len(job.request.prompt_ids)))
+            else:
+                jobs.append(job)
         if not jobs:
             return
         t0 = time.perf_counter()

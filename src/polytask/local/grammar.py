@@ -24,17 +24,21 @@ class GrammarCache:
         tokenizer: the model's Hugging Face tokenizer.
         vocab_size: the model's logits width (``config.vocab_size``; may exceed the tokenizer's size).
         stop_token_ids: the token ids that end an answer once the grammar is complete.
+        mask_width: the grammar's vocabulary size (default: the tokenizer's, at most ``vocab_size``).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], *, mask_width: int | None = None
+    ) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         known = max(tokenizer.get_vocab().values(), default=-1) + 1
-        self.vocab_size = min(vocab_size, max(known, max(stop_token_ids, default=-1) + 1))
+        self.vocab_size = mask_width or min(vocab_size, max(known, max(stop_token_ids, default=-1) + 1))
         """The bitmasks' width: token ids past the tokenizer's (a model's padded vocabulary: 151,936 logits for
         151,665 Qwen2.5 tokens) are never allowed, and leaving them out of the grammar's vocabulary keeps xgrammar
-        fast (it treats every id without a token string as special: 13× slower bitmask fills with 100k of them)."""
+        fast (it treats every id without a token string as special: with 100k of them a batch's bitmask fill +
+        token accept took ≈ 10× longer, ``benchmarks/grammar_fill.py``)."""
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=self.vocab_size, stop_token_ids=stop_token_ids
         )
