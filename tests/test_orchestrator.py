@@ -265,6 +265,21 @@ def test_configuration_errors():
         pt.Orchestrator(b, [pt.Sentiment()], max_concurrency=0)
 
 
+def test_concurrency_defaults_come_from_the_backend():
+    hosted = pt.Orchestrator(pt.FunctionBackend(lambda r: "{}"), [pt.Sentiment()])
+    assert hosted.max_concurrency == 64 and hosted.concurrency.decrease < 1  # AIMD on
+
+    class Batched(pt.FunctionBackend):  # what the local backend declares
+        preferred_concurrency = 512
+        adaptive_concurrency = False
+
+    local = pt.Orchestrator(Batched(lambda r: "{}"), [pt.Sentiment()])
+    assert local.max_concurrency == 512 and local.concurrency.limit == 512  # no slow start either
+    assert local.concurrency.decrease == 1.0
+    told = pt.Orchestrator(Batched(lambda r: "{}"), [pt.Sentiment()], max_concurrency=8, adaptive_concurrency=True)
+    assert told.max_concurrency == 8 and told.concurrency.decrease < 1
+
+
 async def test_limits_learned_from_headers_without_429s(simulator):
     sim = simulator(rpm=300, tpm=200_000)
     async with orchestrator(sim, tasks=[pt.Sentiment()], clock=pt.MonotonicClock()) as orch:

@@ -262,6 +262,10 @@ def test_continuous_batching_refills_rows_as_answers_finish(tiny) -> None:
         await backend.aclose()
         return answers, stats
 
+    import polytask as pt
+
+    orch = pt.Orchestrator(TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4), [pt.Sentiment()])
+    assert orch.max_concurrency == 8 and orch.concurrency.decrease == 1.0  # rows refill from a full queue; no AIMD
     together, stats = anyio.run(main, 4)
     alone, _ = anyio.run(main, 1)
     assert stats["rows"] == 10 and stats["batches"] >= 3  # rows were refilled (≤ 4 at once)

@@ -243,7 +243,9 @@ def run(
     ] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Most calls in flight.")] = 64,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Most calls in flight (default 64; local: 2 × the batch size).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
     attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,

@@ -124,7 +124,8 @@ class Orchestrator:
     Args:
         backend: where calls go (:class:`~polytask.OpenAIBackend`, the transformers backend, …).
         tasks: the tasks to run on every sentence (names must be unique).
-        max_concurrency: the most calls in flight (default 64).
+        max_concurrency: the most calls in flight (default: the backend's ``preferred_concurrency`` if it has one
+            — the local backend's is 2 × its batch size, so finished rows always find a waiting call — else 64).
         retry: the retry policy (default :class:`~polytask.RetryPolicy`).
         rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: the backend's, else learned).
         limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
@@ -135,7 +136,9 @@ class Orchestrator:
         temperature: sampling temperature of every call (default 0).
         adaptive_concurrency: shrink the calls in flight on overload signals (503, timeouts, unexplained 429s,
             latency far above its best) and grow them back (AIMD, :class:`~polytask.concurrency.AdaptiveConcurrency`);
-            the current limit is ``orch.concurrency.limit`` (default True).
+            the current limit is ``orch.concurrency.limit`` (default: the backend's ``adaptive_concurrency``
+            attribute if it has one — False for the local backend, whose latency grows with its batch, not with
+            overload — else True).
         learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
         close_backend: close the backend when the ``async with`` block ends (default True).
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
@@ -156,7 +159,7 @@ class Orchestrator:
         backend: Backend,
         tasks: Sequence[Task[Any]],
         *,
-        max_concurrency: int = 64,
+        max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
@@ -165,7 +168,7 @@ class Orchestrator:
         max_sentence_chars: int = 1000,
         max_pending_documents: int | None = None,
         temperature: float = 0.0,
-        adaptive_concurrency: bool = True,
+        adaptive_concurrency: bool | None = None,
         learn_limits: bool = True,
         close_backend: bool = True,
         clock: Clock | None = None,
@@ -177,6 +180,10 @@ class Orchestrator:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"task names must be unique, got {names}")
+        if max_concurrency is None:
+            max_concurrency = int(getattr(backend, "preferred_concurrency", None) or 64)
+        if adaptive_concurrency is None:
+            adaptive_concurrency = bool(getattr(backend, "adaptive_concurrency", True))
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
         if context_sentences < 0:

@@ -91,6 +91,10 @@ class Backend(Protocol):
     Attributes:
         name: a short description for logs and progress (``"openai:gpt-4o-mini"``).
         rpm, tpm: the configured limits (requests / tokens per minute), or None for none.
+
+    Optional attributes the orchestrator reads when its own settings are left unset:
+    ``preferred_concurrency`` (calls in flight that keep the backend busy; the local backend: 2 × its batch size)
+    and ``adaptive_concurrency`` (False where there is no server to overload, so AIMD stays off).
     """
 
     name: str

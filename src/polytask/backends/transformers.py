@@ -62,10 +62,15 @@ class TransformersBackend:
     Attributes:
         name: ``"local:<model>"``.
         rpm, tpm: None (no rate limits locally).
+        preferred_concurrency: 2 × ``max_batch_size``: the orchestrator's default calls in flight, so a row whose
+            answer is done always finds a waiting call.
+        adaptive_concurrency: False: a call's latency grows with the batch, not with overload, so the
+            orchestrator's AIMD stays off by default.
     """
 
     rpm: float | None = None
     tpm: float | None = None
+    adaptive_concurrency = False
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class TransformersBackend:
                 f"the local backend needs the `local` extra: pip install 'polytask[local]' ({exc})"
             ) from exc
         self.max_batch_size = max_batch_size
+        self.preferred_concurrency = 2 * max_batch_size
         self.max_wait = max_wait
         self.max_new_tokens = max_new_tokens
         if device == "auto":
