@@ -6,9 +6,13 @@ nothing is fetched from the hub.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import threading
+import time
+import weakref
 from typing import Literal
 
 import pytest
@@ -20,10 +24,10 @@ pytest.importorskip("xgrammar")
 
 import anyio  # noqa: E402
 
-from local_models import build  # noqa: E402
+from local_models import build, make_tokenizer  # noqa: E402
 from polytask.backends.base import ChatRequest  # noqa: E402
 from polytask.backends.transformers import TransformersBackend  # noqa: E402
-from polytask.exceptions import BackendError, ConfigurationError  # noqa: E402
+from polytask.exceptions import BackendError, BadRequestError, ConfigurationError  # noqa: E402
 from polytask.local.engine import Engine, GenRequest  # noqa: E402
 from polytask.local.model import ModelNotFoundError  # noqa: E402
 from polytask.tasks.base import strict_json_schema  # noqa: E402
@@ -270,3 +274,138 @@ def test_continuous_batching_refills_rows_as_answers_finish(tiny) -> None:
     alone, _ = anyio.run(main, 1)
     assert stats["rows"] == 10 and stats["batches"] >= 3  # rows were refilled (≤ 4 at once)
     assert [a.content for a in together] == [a.content for a in alone]
+
+
+FREE = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"], "additionalProperties": False}
+
+
+def free_request(text: str, *, max_tokens: int = 20, role: str = "user", temperature: float = 0.0) -> ChatRequest:
+    return ChatRequest(
+        messages=[{"role": role, "content": text}],
+        schema_name="S",
+        json_schema=FREE,
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
+
+
+async def settle(backend: TransformersBackend, requests: list[ChatRequest]) -> list:
+    """Every call's answer or exception, failing the test (not hanging it) if any caller is never woken."""
+    out: list = [None] * len(requests)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i, r in enumerate(requests):
+
+                async def one(i: int = i, r: ChatRequest = r) -> None:
+                    try:
+                        out[i] = await backend.complete(r)
+                    except Exception as exc:
+                        out[i] = exc
+
+                tg.start_soon(one)
+    return out
+
+
+def test_a_conversation_the_chat_template_refuses_fails_alone() -> None:
+    model, tok = build()
+    tok.chat_template = (  # as Gemma's template refuses a system role, or others refuse roles that do not alternate
+        "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
+        "{{ m['content'] }}\n{% endfor %}"
+    )
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=0.05)
+    out = anyio.run(settle, backend, [free_request("good"), free_request("bad", role="bad"), free_request("good 2")])
+    assert isinstance(out[1], BadRequestError) and "bad role" in str(out[1])
+    assert not isinstance(out[0], Exception) and not isinstance(out[2], Exception)
+
+
+def test_bad_numbers_are_rejected_per_call_and_neighbours_are_answered() -> None:
+    model, tok = build()
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=8, max_wait=0.05)
+    calls = [
+        free_request("greedy"),
+        free_request("tiny temperature", temperature=1e-39),  # allowed: must not overflow the batch's softmax
+        free_request("no tokens", max_tokens=0),
+        free_request("negative", temperature=-1.0),
+        free_request("nan", temperature=float("nan")),
+        free_request("greedy 2"),
+    ]
+    out = anyio.run(settle, backend, calls)
+    assert [type(o).__name__ for o in out] == [
+        "ChatResponse",
+        "ChatResponse",
+        "BadRequestError",
+        "BadRequestError",
+        "BadRequestError",
+        "ChatResponse",
+    ]
+    assert "max_tokens" in str(out[2]) and "temperature" in str(out[3])
+
+
+def test_aclose_cancels_calls_still_being_prepared() -> None:
+    model, tok = build()
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=0.0)
+    template = tok.apply_chat_template
+    started = threading.Event()
+
+    def slow(*args, **kwargs):  # a slow template, or a first-time schema compile
+        started.set()
+        time.sleep(0.3)
+        return template(*args, **kwargs)
+
+    tok.apply_chat_template = slow
+
+    async def main() -> list:
+        out: list = []
+
+        async def one(i: int) -> None:
+            try:
+                out.append(await backend.complete(free_request(f"call {i}", max_tokens=500)))
+            except Exception as exc:
+                out.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(one, i)
+            await anyio.to_thread.run_sync(started.wait)
+            await backend.aclose()
+        return out
+
+    out = anyio.run(main)
+    assert len(out) == 2 and all(isinstance(o, BackendError) for o in out), out  # not 500-token answers
+
+
+def test_aclose_drops_the_model() -> None:
+    model, tok = build()
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=2)
+    anyio.run(settle, backend, [free_request("x", max_tokens=3)])
+    ref = weakref.ref(model)
+    del model
+    anyio.run(backend.aclose)
+    gc.collect()
+    assert ref() is None
+
+
+def test_learned_position_models_survive_long_runs() -> None:
+    """Rows without a call keep stepping; their position ids must stay inside a learned position table (GPT-2)."""
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=0.05)
+    for round_ in range(35):  # 3 calls in 4 rows: the spare row steps ~9 times a round, 300+ in all
+        out = anyio.run(settle, backend, [free_request(f"r{round_} c{i}", max_tokens=30) for i in range(3)])
+        assert not any(isinstance(o, Exception) for o in out), (round_, out)
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    long, short = tok("a" * 240)["input_ids"], tok("short")["input_ids"]
+    results = engine.generate(
+        [GenRequest(long, max_new_tokens=4, ignore_eos=True), GenRequest(short, max_new_tokens=150, ignore_eos=True)]
+    )
+    assert [r.completion_tokens for r in results] == [4, 150]

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -170,8 +171,9 @@ class TransformersBackend:
         """Answer one call; decoded together with concurrent calls.
 
         Raises:
-            BadRequestError: the prompt plus ``max_tokens`` exceeds the model's context, or the schema does not
-                compile.
+            BadRequestError: the prompt plus ``max_tokens`` exceeds the model's context, the schema does not
+                compile, the chat template refuses the conversation, or ``max_tokens`` < 1 / a negative or
+                non-finite temperature.
             BackendError: the model failed (out of memory, …; the message says why), or the backend is closed.
         """
         if self._closed:
@@ -187,14 +189,21 @@ class TransformersBackend:
         """Tokenize (chat template, one batched call) and attach each call's grammar; answer bad calls here."""
         from ..local.engine import GenRequest
 
-        tok = self.tokenizer
-        encoded = tok.apply_chat_template(
-            [list(c.payload.messages) for c in calls], add_generation_prompt=True, tokenize=True
-        )
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        ids = self._tokenize(calls)
         ready = []
         for call, prompt in zip(calls, ids, strict=True):
             r: ChatRequest = call.payload
+            problem = None
+            if isinstance(prompt, BaseException):
+                problem = f"the model's chat template refused this call: {type(prompt).__name__}: {prompt}"
+            elif not r.max_tokens >= 1:
+                problem = f"max_tokens must be ≥ 1, got {r.max_tokens}"
+            elif not (math.isfinite(r.temperature) and r.temperature >= 0):
+                problem = f"temperature must be a finite number ≥ 0, got {r.temperature}"
+            if problem is not None:
+                call.finish(BadRequestError(problem, status_code=400))
+                continue
+            assert isinstance(prompt, list)
             cap = min(r.max_tokens, self.max_new_tokens)
             if len(prompt) + cap > self.max_context:
                 call.finish(
@@ -210,11 +219,30 @@ class TransformersBackend:
             except Exception as exc:
                 call.finish(BadRequestError(f"cannot compile schema {r.schema_name!r}: {exc}", status_code=400))
                 continue
-            call.request = GenRequest(
-                prompt_ids=list(prompt), grammar=grammar, max_new_tokens=cap, temperature=r.temperature
-            )
+            call.request = GenRequest(prompt_ids=prompt, grammar=grammar, max_new_tokens=cap, temperature=r.temperature)
             ready.append(call)
         return ready
+
+    def _tokenize(self, calls: list[Call]) -> list[list[int] | BaseException]:
+        """The chat template applied to every call (one batched call; one at a time if it fails, so that one
+        conversation the template refuses — "roles must alternate", "system role not supported" — fails alone)."""
+        tok = self.tokenizer
+
+        def apply(conversations: list[list[Any]]) -> list[list[int]]:
+            encoded = tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True)
+            return [list(x) for x in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+
+        conversations = [list(c.payload.messages) for c in calls]
+        try:
+            return list(apply(conversations))
+        except Exception:
+            out: list[list[int] | BaseException] = []
+            for conversation in conversations:
+                try:
+                    out.append(apply([conversation])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
     def _respond(self, call: Call, outcome: GenResult | BaseException) -> ChatResponse | BaseException:
         if isinstance(outcome, BaseException):
@@ -241,6 +269,8 @@ class TransformersBackend:
             await anyio.to_thread.run_sync(thread.join)
         engine._buckets.clear()
         engine._prefix.clear()
+        engine.model = None
+        self._queue.engine = None  # type: ignore[assignment]
         self.engine = None  # type: ignore[assignment]
         self.model = None
         try:

@@ -111,10 +111,11 @@ class Batcher:
             new.cols[:r].copy_(old.cols)
             new.cols[r:] = 0
             self.e.stats["grown"] += 1
-        else:
+        else:  # a bucket kept from an earlier pass: free every row
             new.mask.zero_()
             new.mask[..., 0] = True
             new.cols.zero_()
+            new.pos.zero_()
         self.bucket = new
         self._resize(rows, slots)
 
@@ -294,7 +295,10 @@ class Batcher:
             assert self.bitmask is not None
             e.apply_bitmask(logits, self.bitmask.to(dev, non_blocking=True), constrained)
         if (self.temps[busy] > 0).any():
-            drawn = torch.multinomial(torch.softmax(logits / self.temps_t, dim=-1), 1)[:, 0]
+            # max-shifted, so a tiny temperature cannot overflow; rows not sampled get a harmless uniform row
+            scaled = (logits - logits.amax(-1, keepdim=True)) / self.temps_t
+            scaled = torch.where(self.sampled_t[:, None], scaled, 0.0)
+            drawn = torch.multinomial(torch.softmax(scaled, dim=-1), 1)[:, 0]
             tokens = torch.where(self.sampled_t, drawn, logits.argmax(-1))
         else:
             tokens = logits.argmax(-1)

@@ -122,7 +122,7 @@ class _Bucket:
             logits = self.logits
         else:
             logits = self.forward()
-        self.pos += 1
+        self.pos.add_(1).clamp_(max=self.engine.max_position - 1)  # free rows stay within learned position tables
         self.cols.add_(1).clamp_(max=self.slots - 1)  # free rows keep writing their last column
         return logits
 
@@ -170,6 +170,7 @@ class Engine:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = int(cfg.vocab_size)
+        self.max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
         self.grammar_vocab = min(self.vocab_size, grammar_vocab or self.vocab_size)
         self.stop_ids = np.array(sorted(set(stop_token_ids)), dtype=np.int64)
         self.pad_id = pad_token_id

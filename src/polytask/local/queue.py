@@ -165,6 +165,12 @@ class CallQueue:
                     calls.append(call)
             if len(self._waiting) < self.max_rows:
                 self._full.clear()
-        ready = self.prepare(calls) if calls else []
-        self._taken.update(ready)
-        return ready
+            self._taken.update(calls)  # from here close() cancels them (the engine answers them "cancelled")
+        if not calls:
+            return []
+        try:
+            return self.prepare(calls)
+        except Exception as exc:  # never strand a caller: everything taken gets an answer
+            for call in calls:
+                call.finish(exc)
+            return []
