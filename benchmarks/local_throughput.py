@@ -409,7 +409,8 @@ def main() -> None:
             seconds,
             parsed=ok,
             length_cut=sum(a.finish_reason == "length" for a in answers),
-            **{k: v for k, v in backend.stats.items() if k in ("batches", "steps", "grown", "prefill_ms", "decode_ms")},
+            **{k: v for k, v in backend.stats.items() if k in ("batches", "steps", "grown", "shrunk")},
+            **{k: v for k, v in backend.stats.items() if k.endswith("_ms")},
         )
 
 

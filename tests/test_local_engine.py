@@ -109,6 +109,19 @@ def test_bucket_grows_for_late_arrivals_and_longer_prompts(tiny) -> None:
         assert job.outcome.token_ids == greedy(model, tok, p, 5)
 
 
+def test_long_answers_left_alone_move_to_a_smaller_bucket(tiny) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 8)
+    caps = [30, 2, 2, 3, 2, 2, 3, 25]  # two long answers outlive six short ones
+    jobs = [ScriptedJob(GenRequest(p, max_new_tokens=c, ignore_eos=True)) for p, c in zip(ps, caps, strict=True)]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    source = ScriptedSource(engine, jobs, [0] * 8)
+    engine.serve(source, max_rows=8)
+    assert engine.stats["shrunk"] == 1 and {r for r, _ in source.shapes} == {8, 2}  # 2 busy rows of 8 → 2 rows
+    for p, c, job in zip(ps, caps, jobs, strict=True):
+        assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, c)
+
+
 def test_a_cancelled_job_frees_its_row_and_others_are_unaffected(tiny) -> None:
     model, tok = tiny
     ps = prompts(tok, 3)

@@ -158,7 +158,8 @@ class TransformersBackend:
     @property
     def stats(self) -> dict[str, int]:
         """The engine's counters: prefill passes (``batches``), calls admitted (``rows``), decode ``steps``,
-        ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown``, ``prefill_ms`` and ``decode_ms``."""
+        ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown`` / ``shrunk``, ``prefill_ms`` and
+        ``decode_ms``."""
         return dict(self.engine.stats)
 
     async def __aenter__(self) -> TransformersBackend:

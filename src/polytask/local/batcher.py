@@ -119,6 +119,48 @@ class Batcher:
         self.bucket = new
         self._resize(rows, slots)
 
+    def _compact(self) -> None:
+        """Move the busy rows into the smallest bucket that holds them: when a batch has thinned out (long answers
+        finishing after the short ones, nothing waiting), each step then computes only those rows."""
+        old = self.bucket
+        assert old is not None
+        busy = [r for r in range(self.rows) if self.jobs[r] is not None]
+        n, rows = len(busy), bucket_rows(len(busy))
+        new = self.e._bucket(rows, old.slots)  # the big bucket stays kept, for the next full batch
+        index = torch.tensor(busy, device=self.e.device)
+        for store_new, store_old in zip(
+            new.cache.keys + new.cache.values, old.cache.keys + old.cache.values, strict=True
+        ):
+            store_new[:n].copy_(store_old.index_select(0, index))
+        new.mask.zero_()
+        new.mask[..., 0] = True
+        new.mask[:n].copy_(old.mask.index_select(0, index))
+        for buf in ("ids", "pos", "cols"):
+            getattr(new, buf).zero_()
+            getattr(new, buf)[:n].copy_(getattr(old, buf).index_select(0, index))
+
+        def pick(a: Any, fill: Any, **kw: Any) -> Any:
+            if isinstance(a, np.ndarray):
+                out: Any = np.full((rows, *a.shape[1:]), fill, dtype=a.dtype)
+                out[:n] = a[busy]
+            else:
+                out = torch.full((rows, *a.shape[1:]), fill, dtype=a.dtype, device=a.device, **kw)
+                out[:n] = a.index_select(0, index.to(a.device))
+            return out
+
+        self.count, self.caps, self.prompt_len = pick(self.count, 0), pick(self.caps, 0), pick(self.prompt_len, 0)
+        self.ignore, self.temps, self.out = pick(self.ignore, False), pick(self.temps, 0.0), pick(self.out, 0)
+        self.temps_t, self.sampled_t, self.logits = pick(self.temps_t, 1.0), pick(self.sampled_t, False), pick(
+            self.logits, 0.0
+        )
+        if self.bitmask is not None:
+            self.bitmask = pick(self.bitmask, -1, pin_memory=self.pin)
+        self.jobs = [self.jobs[r] for r in busy] + [None] * (rows - n)
+        self.matchers = [self.matchers[r] for r in busy] + [None] * (rows - n)
+        self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.pin)
+        self.bucket, self.rows = new, rows
+        self.e.stats["shrunk"] += 1
+
     # ---------------------------------------------------------------- admission
     def _want_admission(self, active: int) -> bool:
         free = self.rows - active
@@ -278,6 +320,8 @@ class Batcher:
                 if self.source.waiting() == 0 and self.source.idle():
                     return
                 continue
+            if self.rows > 1 and bucket_rows(active) * self.e.shrink_below <= self.rows and not self.source.waiting():
+                self._compact()
             t0 = time.perf_counter()
             self._step()
             self.e.add_time("decode", time.perf_counter() - t0)

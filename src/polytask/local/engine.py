@@ -144,6 +144,8 @@ class Engine:
             width). Ids past it (a model's padded vocabulary) are never picked for a constrained row.
         admit_every: with rows free and prompts waiting, admit at the latest after this many decode steps …
         admit_fraction: … or as soon as this fraction of the rows is free (admitting costs one prefill pass).
+        shrink_below: with nothing waiting, move the busy rows into a smaller bucket once they fill less than
+            1 / ``shrink_below`` of it (the long answers left at the end of a run then decode alone).
 
     Thread-safety: one :meth:`serve` / :meth:`generate` at a time (the backend runs it on one worker thread).
     """
@@ -156,11 +158,12 @@ class Engine:
         pad_token_id: int,
         cuda_graphs: bool | None = None,
         min_prefix: int = 16,
-        max_buckets: int = 4,
+        max_buckets: int = 8,
         fused_gqa: bool = True,
         grammar_vocab: int | None = None,
         admit_every: int = 8,
         admit_fraction: float = 0.125,
+        shrink_below: int = 4,
     ) -> None:
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -179,6 +182,7 @@ class Engine:
         self.max_buckets = max_buckets
         self.admit_every = admit_every
         self.admit_fraction = admit_fraction
+        self.shrink_below = shrink_below
         inner = getattr(model, "model", model)
         self.takes_cache_position = "cache_position" in inspect.signature(inner.forward).parameters
         self.graph_pool: Any = None
@@ -194,11 +198,12 @@ class Engine:
             "prefix_tokens_saved": 0,
             "graphs": 0,
             "grown": 0,
+            "shrunk": 0,
             "prefill_ms": 0,
             "decode_ms": 0,
         }
         """Counters: prefill passes (``batches``), prompts admitted (``rows``), decode ``steps``,
-        ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown``, and milliseconds spent."""
+        ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown`` / ``shrunk``, and milliseconds spent."""
 
     def add_time(self, what: str, seconds: float) -> None:
         """Add to the ``prefill_ms`` / ``decode_ms`` counters."""
