@@ -99,6 +99,7 @@ def test_every_answer_validates_and_calls_are_batched(tiny) -> None:
 def test_finish_reason_length(tiny) -> None:
     model, tok = tiny
     backend = TransformersBackend(model, tokenizer=tok, device="cpu")
+    assert backend.max_batch_size == 32 and backend.preferred_concurrency == 64  # the CPU defaults
     (answer,) = anyio.run(gather, backend, [request("Anna went to Rome.", Entities, max_tokens=3)])
     assert answer.finish_reason == "length"
     assert answer.completion_tokens == 3

@@ -47,7 +47,9 @@ class TransformersBackend:
         tokenizer: the tokenizer, when ``model`` is a loaded model object.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype / its name.
-        max_batch_size: the most answers decoded together (rows of the engine's batch).
+        max_batch_size: the most answers decoded together (rows of the engine's batch; default 256 on CUDA, 32 on
+            CPU, where each row costs its share of every step and its key/value cache — 46 kB per token for the
+            embedded model in float32, so 32 rows × 1,000 tokens ≈ 1.5 GB).
         max_wait: seconds an idle engine waits for more calls before it starts decoding (later calls join rows
             as they free up).
         max_new_tokens: a cap on every answer's tokens, over ``request.max_tokens``.
@@ -80,13 +82,13 @@ class TransformersBackend:
         tokenizer: Any = None,
         device: str = "auto",
         dtype: Any = "auto",
-        max_batch_size: int = 256,
+        max_batch_size: int | None = None,
         max_wait: float = 0.02,
         max_new_tokens: int = 512,
         cpu_threads: int | None = None,
         cuda_graphs: bool | None = None,
     ) -> None:
-        if max_batch_size < 1:
+        if max_batch_size is not None and max_batch_size < 1:
             raise ConfigurationError(f"max_batch_size must be ≥ 1, got {max_batch_size}")
         if max_wait < 0:
             raise ConfigurationError(f"max_wait must be ≥ 0 seconds, got {max_wait}")
@@ -103,12 +105,12 @@ class TransformersBackend:
             raise ConfigurationError(
                 f"the local backend needs the `local` extra: pip install 'polytask[local]' ({exc})"
             ) from exc
-        self.max_batch_size = max_batch_size
-        self.preferred_concurrency = 2 * max_batch_size
         self.max_wait = max_wait
         self.max_new_tokens = max_new_tokens
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.max_batch_size = max_batch_size or (256 if device.startswith("cuda") else 32)
+        self.preferred_concurrency = 2 * self.max_batch_size
         if device.startswith("cpu"):
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         if dtype == "auto":
@@ -144,7 +146,7 @@ class TransformersBackend:
         )
         self._queue = CallQueue(
             self.engine,
-            max_rows=max_batch_size,
+            max_rows=self.max_batch_size,
             max_wait=max_wait,
             prepare=self._prepare,
             respond=self._respond,
