@@ -150,8 +150,10 @@ class Batcher:
 
         self.count, self.caps, self.prompt_len = pick(self.count, 0), pick(self.caps, 0), pick(self.prompt_len, 0)
         self.ignore, self.temps, self.out = pick(self.ignore, False), pick(self.temps, 0.0), pick(self.out, 0)
-        self.temps_t, self.sampled_t, self.logits = pick(self.temps_t, 1.0), pick(self.sampled_t, False), pick(
-            self.logits, 0.0
+        self.temps_t, self.sampled_t, self.logits = (
+            pick(self.temps_t, 1.0),
+            pick(self.sampled_t, False),
+            pick(self.logits, 0.0),
         )
         if self.bitmask is not None:
             self.bitmask = pick(self.bitmask, -1, pin_memory=self.pin)
