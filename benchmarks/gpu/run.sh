@@ -23,7 +23,7 @@ rm -rf /tmp/pt && mkdir -p /tmp/pt && cp -r src/polytask /tmp/pt/ && : > /tmp/pt
   && : > /tmp/pt/polytask/backends/__init__.py
 export PYTHONPATH=/tmp/pt${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PY:-python3}
-$PY -c "import torch, transformers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__, 'xgrammar', xgrammar.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/log.txt"
+$PY -c "import torch, transformers, xgrammar, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'xgrammar', m.version('xgrammar'), 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(), 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$OUT/log.txt"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee -a "$OUT/log.txt"
 for shape in $SHAPES; do
   tokdir=.models/smollm2-tok; limit=$LIMIT; variants=$VARIANTS
