@@ -219,3 +219,24 @@ def test_a_failing_step_fails_the_rows_then_serving_goes_on(tiny, monkeypatch) -
     for p, job in zip(ps[2:], jobs[2:], strict=True):
         assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, 4)
     assert all(j.finished == 1 for j in jobs)
+
+
+def test_accept_tokens_advances_matchers_like_xgrammars_batch_call(tiny) -> None:
+    from polytask.local import grammar as grammar_module
+
+    _, tok = tiny
+    cache = GrammarCache(tok, len(tok), [tok.eos_token_id])
+    compiled = cache.get({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    answer = tok('{"a":12}')["input_ids"]
+    ours, theirs = [cache.matcher(compiled) for _ in range(2)], [cache.matcher(compiled) for _ in range(2)]
+    for token in answer:
+        grammar_module.accept_tokens(ours, [token, token])
+        xgr.BatchGrammarMatcher.batch_accept_token(theirs, [token, token])
+    assert grammar_module._RAW_ACCEPT  # the fast path is in use with the pinned xgrammar
+    masks = []
+    for group in (ours, theirs):
+        bitmask = torch.zeros((2, (len(tok) + 31) // 32), dtype=torch.int32)
+        xgr.BatchGrammarMatcher().batch_fill_next_token_bitmask(group, bitmask)
+        masks.append(bitmask)
+    assert torch.equal(masks[0], masks[1])
+    assert all(m.accept_token(tok.eos_token_id) for m in ours)  # the answer is complete

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .cache import RowView
+from .grammar import accept_tokens
 from .jobs import GenResult, Job, JobSource
 
 if TYPE_CHECKING:
@@ -377,7 +378,7 @@ class Batcher:
                 self.matchers[r] = None
         going = [r for r in constrained if jobs[r] is not None]
         if going:
-            self._batch_matcher.batch_accept_token([self.matchers[r] for r in going], tok[going].tolist())
+            accept_tokens([self.matchers[r] for r in going], tok[going].tolist())
             self._fill(going)
         self.logits = next_logits.float()
 

@@ -14,7 +14,7 @@ import json
 import threading
 from typing import Any
 
-__all__ = ["GrammarCache", "unpack_bits"]
+__all__ = ["GrammarCache", "accept_tokens", "unpack_bits"]
 
 
 class GrammarCache:
@@ -85,3 +85,30 @@ def unpack_bits(packed: Any, width: int) -> Any:
 
 
 _BIT_TABLES: dict[Any, Any] = {}
+
+
+def accept_tokens(matchers: list[Any], tokens: list[int]) -> None:
+    """Advance each matcher by its token, in one C++ call, without building the accepted-or-not list.
+
+    ``xgrammar.BatchGrammarMatcher.batch_accept_token`` turns its result into Python bools one FFI call per row
+    (≈ 1.7 ms of the ≈ 2.5 ms it takes for 1,024 rows here), host time inside every decode step; the engine never
+    reads it (it only feeds tokens the bitmask allowed). Falls back to the public call if xgrammar's internals move.
+    """
+    global _RAW_ACCEPT
+    if _RAW_ACCEPT is None:
+        import xgrammar.matcher
+
+        core = getattr(xgrammar.matcher, "_core", None)
+        _RAW_ACCEPT = getattr(getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", False)
+    if _RAW_ACCEPT:
+        try:
+            _RAW_ACCEPT([m._handle for m in matchers], tokens, False)
+            return
+        except (AttributeError, TypeError):
+            _RAW_ACCEPT = False
+    import xgrammar as xgr
+
+    xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+
+
+_RAW_ACCEPT: Any = None
