@@ -19,10 +19,13 @@ from polytask.local.grammar import GrammarCache, unpack_bits  # noqa: E402
 
 
 def greedy(model, tok, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
-    )
-    return out[0, len(prompt) :].tolist()
+    """The reference: n argmax steps over the whole sequence, no cache (``generate(min_new_tokens=n)`` would hide
+    the end-of-sequence token, which an ``ignore_eos`` row may legitimately pick)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt) :].tolist()
 
 
 @dataclass(eq=False)
@@ -120,6 +123,21 @@ def test_long_answers_left_alone_move_to_a_smaller_bucket(tiny) -> None:
     assert engine.stats["shrunk"] == 1 and {r for r, _ in source.shapes} == {8, 2}  # 2 busy rows of 8 → 2 rows
     for p, c, job in zip(ps, caps, jobs, strict=True):
         assert isinstance(job.outcome, GenResult) and job.outcome.token_ids == greedy(model, tok, p, c)
+
+
+@pytest.mark.parametrize("shrink_below", [0, 2])
+def test_shrink_setting_never_changes_answers(tiny, shrink_below) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 4)
+    caps = [12, 3, 12, 3]
+    jobs = [ScriptedJob(GenRequest(p, max_new_tokens=c, ignore_eos=True)) for p, c in zip(ps, caps, strict=True)]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, shrink_below=shrink_below)
+    engine.serve(ScriptedSource(engine, jobs, [0] * 4), max_rows=4)
+    assert engine.stats["shrunk"] == (1 if shrink_below else 0)  # 2 busy of 4 rows: shrinks at 2, not at 0 (off)
+    for p, c, job in zip(ps, caps, jobs, strict=True):
+        assert job.outcome.token_ids == greedy(model, tok, p, c)
+    with pytest.raises(ValueError, match="shrink_below"):
+        Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, shrink_below=1)
 
 
 def test_a_cancelled_job_frees_its_row_and_others_are_unaffected(tiny) -> None:

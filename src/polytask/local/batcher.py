@@ -127,6 +127,8 @@ class Batcher:
         assert old is not None
         busy = [r for r in range(self.rows) if self.jobs[r] is not None]
         n, rows = len(busy), bucket_rows(len(busy))
+        if rows >= self.rows:  # only ever into a strictly smaller bucket (never copy a bucket onto itself)
+            return
         new = self.e._bucket(rows, old.slots)  # the big bucket stays kept, for the next full batch
         index = torch.tensor(busy, device=self.e.device)
         for store_new, store_old in zip(
@@ -323,7 +325,8 @@ class Batcher:
                 if self.source.waiting() == 0 and self.source.idle():
                     return
                 continue
-            if self.rows > 1 and bucket_rows(active) * self.e.shrink_below <= self.rows and not self.source.waiting():
+            shrink = self.e.shrink_below
+            if shrink and bucket_rows(active) * shrink <= self.rows and not self.source.waiting():
                 self._compact()
             t0 = time.perf_counter()
             self._step()

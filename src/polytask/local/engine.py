@@ -145,7 +145,11 @@ class Engine:
         admit_every: with rows free and prompts waiting, admit at the latest after this many decode steps …
         admit_fraction: … or as soon as this fraction of the rows is free (admitting costs one prefill pass).
         shrink_below: with nothing waiting, move the busy rows into a smaller bucket once they fill less than
-            1 / ``shrink_below`` of it (the long answers left at the end of a run then decode alone).
+            1 / ``shrink_below`` of it (the long answers left at the end of a run then decode alone); 0 never
+            shrinks.
+
+    Raises:
+        ValueError: ``shrink_below`` is 1 or negative (it must be 0 or ≥ 2).
 
     Thread-safety: one :meth:`serve` / :meth:`generate` at a time (the backend runs it on one worker thread).
     """
@@ -182,6 +186,8 @@ class Engine:
         self.max_buckets = max_buckets
         self.admit_every = admit_every
         self.admit_fraction = admit_fraction
+        if shrink_below != 0 and shrink_below < 2:
+            raise ValueError(f"shrink_below must be 0 (never shrink) or ≥ 2, got {shrink_below}")
         self.shrink_below = shrink_below
         inner = getattr(model, "model", model)
         self.takes_cache_position = "cache_position" in inspect.signature(inner.forward).parameters
