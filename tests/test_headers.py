@@ -23,7 +23,7 @@ def test_parse_duration_formats(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1x", "s", "1s2", None])
+@pytest.mark.parametrize("text", ["", "abc", "1x", "s", "1s2", None, "inf", "nan", "1" * 400 + "h"])
 def test_parse_duration_rejects_garbage(text):
     assert parse_duration(text) is None
 
@@ -43,6 +43,31 @@ def test_retry_after_http_date_uses_wall_clock():
     assert (
         parse_retry_after({"retry-after": email.utils.formatdate(now - 5, usegmt=True)}, wall_clock=lambda: now) == 0.0
     )
+
+
+@pytest.mark.parametrize("zone", ["-0000", ""])
+def test_retry_after_http_date_without_a_zone_is_utc(zone, monkeypatch):
+    import time
+
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now + 30, usegmt=True).replace(" GMT", f" {zone}".rstrip())
+    for tz in ("America/New_York", "Asia/Tokyo", "UTC"):
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+        assert parse_retry_after({"retry-after": date}, wall_clock=lambda: now) == pytest.approx(30.0), tz
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+@pytest.mark.parametrize("name", ["retry-after", "retry-after-ms"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_retry_after_that_is_not_a_finite_number_is_ignored(name, value):
+    assert parse_retry_after({name: value}) is None
+
+
+def test_rate_limit_header_too_large_for_an_int_is_ignored():
+    parsed = parse_rate_limit_headers({"x-ratelimit-remaining-tokens": "1e400", "x-ratelimit-limit-tokens": "inf"})
+    assert parsed.remaining_tokens is None and parsed.limit_tokens is None
 
 
 def test_retry_after_from_exhausted_bucket_reset():

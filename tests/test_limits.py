@@ -142,3 +142,36 @@ async def test_failed_probe_releases_the_waiters():
     limiter.observe(None)  # the probe got no response; nothing learned, nobody stuck
     await limiter.acquire(1)
     assert limiter.rpm is None and limiter.tpm is None
+
+
+async def test_waiting_call_fails_when_a_learned_tpm_shrinks_below_it():
+    from polytask.backends.base import RateLimitHeaders
+
+    class ShrinkingClock(FakeClock):
+        async def sleep(self, seconds):  # while the call waits, a response teaches a smaller limit
+            limiter.observe(RateLimitHeaders(limit_tokens=150, remaining_tokens=150))
+            await super().sleep(seconds)
+
+    limiter = RateLimiter(clock=ShrinkingClock(), learn=True, headroom=0)
+    await limiter.acquire(100)
+    limiter.observe(RateLimitHeaders(limit_tokens=12_000, remaining_tokens=0))
+    with anyio.fail_after(5), pytest.raises(RequestTooLargeError) as info:
+        await limiter.acquire(1000)  # used to wait for good: 1,000 tokens never fit a 150-token bucket
+    assert info.value.tpm == 150
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"rpm": 0}, "rpm"),
+        ({"tpm": -5}, "tpm"),
+        ({"rpm": float("nan")}, "rpm"),
+        ({"tpm": float("inf")}, "tpm"),
+        ({"rpm": 60, "headroom": 1.5}, "headroom"),
+        ({"rpm": 60, "headroom": float("nan")}, "headroom"),
+        ({"rpm": 60, "accounting": "tokens"}, "accounting"),
+    ],
+)
+def test_bad_limiter_settings_name_themselves(kwargs, name):
+    with pytest.raises(ConfigurationError, match=name):
+        RateLimiter(**kwargs)

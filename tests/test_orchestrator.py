@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import polytask as pt
@@ -90,6 +91,43 @@ async def test_bad_input_item_names_it_and_keeps_earlier_work(simulator):
     async with orchestrator(sim) as orch:
         with pytest.raises(pt.InputError, match="document 2"):
             async for r in orch.stream(["Fine.", "Also fine.", None, "Never read."]):
+                got.append(r.id)
+    assert sorted(got) == ["0", "1"]
+
+
+def _docs_then(error, n=10):
+    for i in range(n):
+        yield f"Document {i}. It has two sentences."
+    raise error
+
+
+async def _slow_answer(request):
+    await anyio.sleep(0.01)
+    return {"label": "neutral", "score": 0.0}
+
+
+async def test_documents_iterable_that_raises_keeps_every_document_taken_in():
+    got = []
+    async with pt.Orchestrator(pt.FunctionBackend(_slow_answer), [pt.Sentiment()], max_concurrency=4) as orch:
+        with pytest.raises(OSError, match="disk read failed"):  # the error itself, not an ExceptionGroup
+            async for r in orch.stream(_docs_then(OSError("disk read failed"))):
+                got.append(r.id)
+        assert sorted(got, key=int) == [str(i) for i in range(10)]
+        with pytest.raises(OSError, match="disk read failed"):
+            await orch.run(_docs_then(OSError("disk read failed")))
+        assert orch.stats.documents_done == 20 and orch.stats.pairs_done == 40
+
+
+async def test_segmenter_that_raises_stops_the_run_after_earlier_documents():
+    def segmenter(text, max_chars):
+        if "bad" in text:
+            raise ValueError("cannot segment")
+        return pt.segment(text, max_chars=max_chars)
+
+    got = []
+    async with pt.Orchestrator(pt.FunctionBackend(_slow_answer), [pt.Sentiment()], segmenter=segmenter) as orch:
+        with pytest.raises(ValueError, match="cannot segment"):
+            async for r in orch.stream(["One. Two.", "Three.", "A bad one.", "Never read."]):
                 got.append(r.id)
     assert sorted(got) == ["0", "1"]
 
@@ -337,3 +375,115 @@ async def test_circuit_breaker_stops_hammering_a_dead_server():
     assert orch.breaker.opened >= 1
     # after ten failures in a row the breaker holds calls for its cooldown and then probes one at a time
     assert calls[-1] >= 2.0 and len(calls) == 60
+
+
+async def _open_breaker(orch):
+    for i in range(10):  # ten failures in a row open the breaker
+        await orch.process(f"Short {i}.")
+    assert orch.breaker.state == "open"
+
+
+def _failing_first(n, answer=None):
+    calls = []
+
+    def fn(request):
+        calls.append(request)
+        if len(calls) <= n:
+            raise pt.ServerError("boom", status_code=500)
+        return answer or {"label": "neutral", "score": 0.0}
+
+    return fn, calls
+
+
+async def test_breaker_probe_refused_by_the_tpm_limit_lets_the_next_call_probe():
+    fn, calls = _failing_first(10)
+    async with pt.Orchestrator(
+        pt.FunctionBackend(fn, tpm=400),
+        [pt.Sentiment()],
+        clock=FakeClock(),
+        max_concurrency=1,
+        retry=pt.RetryPolicy(attempts=1),
+    ) as orch:
+        await _open_breaker(orch)
+        big = await orch.process("word " * 190 + "end.")  # the probe: larger than the TPM limit, never sent
+        assert big.pairs[0].error.type == "RequestTooLargeError"
+        with anyio.fail_after(5):  # used to wait for the dead probe forever
+            ok = await orch.process("A normal sentence.")
+    assert not ok.partial and orch.breaker.state == "closed" and len(calls) == 11
+
+
+async def test_breaker_probe_cancelled_while_queued_lets_the_next_call_probe():
+    fn, calls = _failing_first(10)
+    async with pt.Orchestrator(
+        pt.FunctionBackend(fn), [pt.Sentiment()], clock=FakeClock(), retry=pt.RetryPolicy(attempts=1)
+    ) as orch:
+        await _open_breaker(orch)
+        orch.limiter.pause(1e9)  # the probe will wait in the limiter until it is cancelled
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(orch.process, "Cancelled while it waits.")
+                while not orch.breaker._probing:
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+        assert not orch.breaker._probing
+        orch.limiter._paused_until = 0.0
+        with anyio.fail_after(5):
+            ok = await orch.process("A normal sentence.")
+    assert not ok.partial and orch.breaker.state == "closed" and len(calls) == 11
+
+
+async def test_endless_retry_after_fails_the_call_and_pauses_others_at_most_max_retry_after():
+    clock = FakeClock()
+    calls = []
+
+    def fn(request):
+        calls.append(clock.now())
+        if len(calls) == 1:
+            raise pt.RateLimitError("slow", status_code=429, retry_after=float("inf"))
+        return {"label": "neutral", "score": 0.0}
+
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], clock=clock) as orch:
+        with anyio.fail_after(5):
+            first = await orch.process("First.")
+            second = await orch.process("Second.")
+    assert first.pairs[0].error.type == "RateLimitError" and first.pairs[0].attempts == 1
+    assert not second.partial and calls[1] == pytest.approx(300.0)  # RetryPolicy.max_retry_after
+
+
+def _answer(request):
+    return {"label": "neutral", "score": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"max_concurrency": 2.5}, "max_concurrency"),
+        ({"max_concurrency": float("nan")}, "max_concurrency"),
+        ({"max_pending_documents": 0}, "max_pending_documents"),
+        ({"max_pending_documents": -1}, "max_pending_documents"),
+        ({"max_sentence_chars": 0}, "max_sentence_chars"),
+        ({"context_sentences": -1}, "context_sentences"),
+        ({"rpm": 0}, "rpm"),
+        ({"rpm": 0, "learn_limits": False}, "rpm"),
+        ({"tpm": float("nan")}, "tpm"),
+    ],
+)
+def test_bad_orchestrator_settings_name_themselves(kwargs, name):
+    with pytest.raises(pt.ConfigurationError, match=name):
+        pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"rpm": 0}, {"tpm": -1}])
+def test_bad_backend_limits_name_themselves(kwargs):
+    (name,) = kwargs
+    with pytest.raises(pt.ConfigurationError, match=name):
+        pt.FunctionBackend(_answer, **kwargs)
+    with pytest.raises(pt.ConfigurationError, match=name):
+        pt.OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", **kwargs)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_bad_openai_timeout_names_itself(timeout):
+    with pytest.raises(pt.ConfigurationError, match="timeout"):
+        pt.OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", timeout=timeout)

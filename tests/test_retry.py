@@ -5,6 +5,7 @@ import pytest
 
 from polytask import (
     APIConnectionError,
+    APITimeoutError,
     AuthenticationError,
     BadRequestError,
     LengthLimitError,
@@ -127,4 +128,70 @@ async def test_cancellation_is_never_retried():
 
     with anyio.move_on_after(0.05):
         await RetryPolicy().call(attempt, sleep=anyio.sleep)
+    assert calls == 1
+
+
+async def test_timeout_is_a_bound_no_wait_ends_past_it():
+    clock = FakeClock()
+    calls = []
+
+    async def attempt():
+        calls.append(clock.now())
+        clock.advance(0.4)  # each attempt takes 0.4 s
+        raise ServerError("boom", status_code=503)
+
+    policy = RetryPolicy(attempts=50, timeout=1.0, wait_initial=0.1, wait_exp_base=1, wait_jitter=0)
+    with pytest.raises(ServerError):
+        await policy.call(attempt, sleep=clock.sleep, now=clock.now)
+    # 0 → 0.4 + 0.1 → 0.9 + 0.1 would start a third attempt at 1.0 that ends at 1.4: not started
+    assert calls == [0.0, pytest.approx(0.5)] and clock.time <= 1.0
+
+
+async def test_retry_after_past_the_timeout_is_not_waited():
+    clock = FakeClock()
+    calls = 0
+
+    async def attempt():
+        nonlocal calls
+        calls += 1
+        raise RateLimitError("slow", status_code=429, retry_after=3.0)
+
+    with pytest.raises(RateLimitError):
+        await RetryPolicy(timeout=1.0).call(attempt, sleep=clock.sleep, now=clock.now)
+    assert calls == 1 and clock.sleeps == []
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e9, 301.0])
+async def test_retry_after_longer_than_max_retry_after_fails_at_once(retry_after):
+    clock = FakeClock()
+    calls = 0
+
+    async def attempt():
+        nonlocal calls
+        calls += 1
+        raise RateLimitError("slow", status_code=429, retry_after=retry_after)
+
+    with pytest.raises(RateLimitError):
+        await RetryPolicy().call(attempt, sleep=clock.sleep, now=clock.now)
+    assert calls == 1 and clock.sleeps == []
+    if retry_after == float("inf"):
+        return  # never waited, whatever max_retry_after says
+    # within it, the server's wait is honoured
+    calls = 0
+    with pytest.raises(RateLimitError):
+        await RetryPolicy(attempts=2, max_retry_after=retry_after).call(attempt, sleep=clock.sleep, now=clock.now)
+    assert calls == 2 and clock.sleeps == [retry_after]
+
+
+async def test_attempt_running_at_the_timeout_is_cancelled():
+    calls = 0
+
+    async def attempt():
+        nonlocal calls
+        calls += 1
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(5):
+        with pytest.raises(APITimeoutError, match=r"timeout of 0\.05 s"):
+            await RetryPolicy(timeout=0.05).call(attempt, sleep=anyio.sleep)
     assert calls == 1

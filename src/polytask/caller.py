@@ -159,10 +159,16 @@ class Caller:
             )
 
         async def attempt() -> ChatResponse:
-            nonlocal full
             req = request()
-            if self.breaker.state != "closed":
-                await self.breaker.wait()
+            probe = await self.breaker.wait() if self.breaker.state != "closed" else 0
+            try:
+                return await sent(req)
+            except BaseException:
+                self.breaker.abandon(probe)  # e.g. too large for the TPM limit, or cancelled while queued
+                raise
+
+        async def sent(req: ChatRequest) -> ChatResponse:
+            nonlocal full
             slots = self.concurrency.limiter
             try:
                 slots.acquire_nowait()  # no scheduling round trip when a slot is free and nobody waits
@@ -205,7 +211,7 @@ class Caller:
             self.stats.retries += 1
             logger.debug("retrying %s/%s in %.2fs after %s: %s", label, task.name, wait, type(error).__name__, error)
 
-        return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry)
+        return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry, now=self.clock.now)
 
     def _succeeded(self, response: ChatResponse) -> None:
         self.stats.prompt_tokens += response.prompt_tokens
@@ -224,8 +230,8 @@ class Caller:
             self.breaker.on_other()
             if isinstance(error, QuotaExceededError):
                 return
-            if error.retry_after and self.limiter is not None:
-                self.limiter.pause(error.retry_after)
+            if error.retry_after and self.limiter is not None:  # a wait past the policy's longest is not waited
+                self.limiter.pause(min(error.retry_after, self.retry.max_retry_after))
             known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()

@@ -139,9 +139,16 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._probe_done = anyio.Event()
         self._probing = False
+        self._probes = 0
 
-    async def wait(self) -> None:
-        """Return when a call may go out: at once while closed; after the cooldown, one probe at a time."""
+    async def wait(self) -> int:
+        """Return when a call may go out: at once while closed; after the cooldown, one probe at a time.
+
+        Returns:
+            0, or a probe number when this call is the probe: its caller reports how the call ended
+            (:meth:`on_success`, :meth:`on_failure`, :meth:`on_other`) and, on any other ending (cancelled, or
+            failed before it reached the server), calls :meth:`abandon` with that number so the next call probes.
+        """
         while self.state != "closed":
             if self.state == "open":
                 remaining = self._open_until - self.clock.now()
@@ -152,8 +159,16 @@ class CircuitBreaker:
             if not self._probing:
                 self._probing = True
                 self._probe_done = anyio.Event()
-                return
+                self._probes += 1
+                return self._probes
             await self._probe_done.wait()
+        return 0
+
+    def abandon(self, probe: int) -> None:
+        """Probe number ``probe`` ended without a verdict on the server: let the next call probe (no-op when that
+        probe already ended)."""
+        if probe and probe == self._probes:
+            self._end_probe()
 
     def on_success(self) -> None:
         """A call succeeded: close the circuit."""

@@ -11,7 +11,9 @@ Formats (as OpenAI and compatible servers send them):
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +38,7 @@ def parse_duration(value: str | None) -> float | None:
     if not text:
         return None
     try:
-        return max(0.0, float(text))
+        return _seconds(text)
     except ValueError:
         pass
     pos, total = 0, 0.0
@@ -45,14 +47,20 @@ def parse_duration(value: str | None) -> float | None:
             return None
         total += float(match.group(1)) * _UNIT[match.group(2)]
         pos = match.end()
-    return total if pos == len(text) and pos > 0 else None
+    return total if pos == len(text) and pos > 0 and math.isfinite(total) else None
 
 
 def _int(value: str | None) -> int | None:
     try:
         return int(float(value)) if value is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "inf", "nan", "1e400"
         return None
+
+
+def _seconds(value: str) -> float | None:
+    """A finite number of seconds ≥ 0 (negatives read as 0), or None."""
+    number = float(value)
+    return max(0.0, number) if math.isfinite(number) else None
 
 
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
@@ -82,19 +90,25 @@ def parse_retry_after(headers: Mapping[str, str], *, wall_clock: Callable[[], fl
     ms = get("retry-after-ms")
     if ms is not None:
         try:
-            return max(0.0, float(ms) / 1000.0)
+            seconds = _seconds(ms)
+            if seconds is not None:
+                return seconds / 1000.0
         except ValueError:
             pass
     ra = get("retry-after")
     if ra is not None:
         try:
-            return max(0.0, float(ra))
+            seconds = _seconds(ra)
+            if seconds is not None:
+                return seconds
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(ra)
             except (TypeError, ValueError, IndexError):
                 when = None
             if when is not None:
+                if when.tzinfo is None:  # "-0000" or no zone: RFC 9110 dates are UTC, never the local time
+                    when = when.replace(tzinfo=datetime.UTC)
                 return max(0.0, when.timestamp() - wall_clock())
     limits = parse_rate_limit_headers(headers)
     resets = {

@@ -1,10 +1,12 @@
 """Client-side rate limiting: RPM and TPM token buckets with weighted acquire, settle and a shared pause.
 
 The buckets follow the provider's model (OpenAI documents continuously refilling limits): a bucket holds at most
-its per-minute limit, refills at ``limit / 60`` per second, and starts full. A call reserves its estimated tokens
-(prompt estimate + ``max_tokens``, the formula OpenAI's limiter charges) before it is sent and settles after the
-response with the real prompt tokens. A 429 pauses the whole limiter for the time the server asked, so waiting
-calls are released one by one as capacity returns instead of all waking on the same Retry-After.
+its per-minute limit, refills at ``limit / 60`` per second, and starts full (so a 60 s window may see up to twice
+the limit: a full bucket, then a minute of refill — what the provider's own bucket admits, not a fixed window).
+A call reserves its estimated tokens (prompt estimate + ``max_tokens``, the formula OpenAI's limiter charges) before
+it is sent and settles after the response with the real prompt tokens. A 429 pauses the whole limiter for the time
+the server asked, so waiting calls are released one by one as capacity returns instead of all waking on the same
+Retry-After.
 
 Limits left unset are learned from the ``x-ratelimit-limit-*`` / ``-remaining-*`` headers of every response (configured
 limits cap what is learned): until the first response arrives only one call goes out, then each response creates or
@@ -24,6 +26,7 @@ from typing import Literal, Protocol
 
 import anyio
 
+from ._checks import check_positive
 from .backends.base import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
@@ -125,7 +128,7 @@ class RateLimiter:
             server; ``"usage"``: real prompt + completion tokens, for servers that charge what was generated.
 
     Raises:
-        ConfigurationError: a limit ≤ 0.
+        ConfigurationError: a limit that is not a finite number > 0, a headroom outside [0, 1), an unknown accounting.
     """
 
     def __init__(
@@ -138,6 +141,12 @@ class RateLimiter:
         learn: bool = False,
         headroom: float = 0.01,
     ) -> None:
+        check_positive("rpm", rpm)
+        check_positive("tpm", tpm)
+        if not 0 <= headroom < 1:
+            raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
+        if accounting not in ("max_tokens", "usage"):
+            raise ConfigurationError(f"accounting must be 'max_tokens' or 'usage', got {accounting!r}")
         self.clock: Clock = clock or MonotonicClock()
         now = self.clock.now()
         self.requests = TokenBucket(rpm, now) if rpm is not None else None
@@ -180,15 +189,14 @@ class RateLimiter:
             tokens: the call's reservation, prompt-token estimate + max completion tokens.
 
         Raises:
-            RequestTooLargeError: ``tokens`` exceeds the TPM limit, so no amount of waiting would do.
+            RequestTooLargeError: ``tokens`` exceeds the TPM limit (also one learned while this call waited), so no
+                amount of waiting would do.
         """
-        if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
-            raise RequestTooLargeError(tokens, self.tokens.capacity)
+        self._check_size(tokens)
         if self.learning and not self._heard.is_set():
             if self._probing:
                 await self._heard.wait()
-                if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
-                    raise RequestTooLargeError(tokens, self.tokens.capacity)
+                self._check_size(tokens)
             else:
                 self._probing = True  # this call goes first and tells us the limits
         if not self._lock.locked() and self.wait_time(tokens) <= 0:
@@ -196,9 +204,15 @@ class RateLimiter:
             return Reservation(tokens)
         async with self._lock:
             while (wait := self.wait_time(tokens)) > 0:
+                self._check_size(tokens)  # a limit learned while this call waited may have shrunk below it
                 await self.clock.sleep(wait)
+            self._check_size(tokens)
             self._take(tokens)
         return Reservation(tokens)
+
+    def _check_size(self, tokens: int) -> None:
+        if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
+            raise RequestTooLargeError(tokens, self.tokens.capacity)
 
     def _take(self, tokens: int) -> None:
         now = self.clock.now()

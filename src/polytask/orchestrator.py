@@ -25,6 +25,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._checks import check_count, check_positive
 from .backends.base import Backend
 from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
@@ -84,7 +85,7 @@ class _Job:
     out: MemoryObjectSendStream[tuple[int, DocumentResult]]
     pending: anyio.Semaphore
     fatal: BaseException | None = None
-    input_error: InputError | None = None
+    input_error: Exception | None = None  # a bad document, or what reading / segmenting the input raised
     stop_reading: bool = False
 
 
@@ -184,10 +185,12 @@ class Orchestrator:
             max_concurrency = int(getattr(backend, "preferred_concurrency", None) or 64)
         if adaptive_concurrency is None:
             adaptive_concurrency = bool(getattr(backend, "adaptive_concurrency", True))
-        if max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be ≥ 1, got {max_concurrency}")
-        if context_sentences < 0:
-            raise ConfigurationError(f"context_sentences must be ≥ 0, got {context_sentences}")
+        check_count("max_concurrency", max_concurrency, allow_none=False)
+        check_count("context_sentences", context_sentences, minimum=0, allow_none=False)
+        check_count("max_sentence_chars", max_sentence_chars, allow_none=False)
+        check_count("max_pending_documents", max_pending_documents)
+        check_positive("rpm", rpm)
+        check_positive("tpm", tpm)
         self.backend = backend
         self.tasks = tasks
         self.max_concurrency = max_concurrency
@@ -195,7 +198,9 @@ class Orchestrator:
         self.clock: Clock = clock or (limiter.clock if limiter else MonotonicClock())
         rpm = rpm if rpm is not None else getattr(backend, "rpm", None)
         tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
-        if limiter is None and (rpm or tpm or learn_limits):
+        check_positive(f"{type(backend).__name__}.rpm", rpm)
+        check_positive(f"{type(backend).__name__}.tpm", tpm)
+        if limiter is None and (rpm is not None or tpm is not None or learn_limits):
             limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits)
         self.limiter = limiter
         self.context_sentences = context_sentences
@@ -256,6 +261,8 @@ class Orchestrator:
         Raises:
             QuotaExceededError: after yielding every document taken in (their unsent pairs marked ``RunStopped``).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
+            Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
+                before it are yielded.
             RuntimeError: used outside ``async with``.
         """
         if self._tg is None:
@@ -337,15 +344,14 @@ class Orchestrator:
         while not job.stop_reading:  # checked before each read: an item read after a stop would be lost
             try:
                 item = await anext(items)
+                document = _coerce(item, position)
+                sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
             except StopAsyncIteration:
                 break
-            try:
-                document = _coerce(item, position)
-            except InputError as error:
+            except Exception as error:  # the documents taken in so far still finish; then it is raised
                 job.input_error = error
                 break
             await job.pending.acquire()
-            sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
             state = _DocState(position, document, sentences, self.tasks)
             self.stats.documents_in += 1
             position += 1

@@ -8,21 +8,26 @@ requests larger than the TPM limit, and cancellation (tenacity only sees ``Excep
 
 Backoff after attempt *n* (1-based): ``min(wait_max, wait_initial · wait_exp_base^(n-1)) + U(0, wait_jitter)``
 seconds, then raised to the server's ``retry_after`` if that is longer (the scheme of tenacity's
-``wait_exponential_jitter`` and stamina).
+``wait_exponential_jitter`` and stamina). A call is not retried when the server asks for more than
+``max_retry_after`` seconds, nor when the wait would end past the policy's ``timeout``; an attempt still running at
+the ``timeout`` is cancelled.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
-from tenacity.stop import stop_base
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from .exceptions import (
     APIConnectionError,
+    APITimeoutError,
     MalformedResponseError,
     QuotaExceededError,
     RateLimitError,
@@ -46,7 +51,11 @@ class RetryPolicy(BaseModel):
 
     Attributes:
         attempts: the most attempts per call, the first included (default 6).
-        timeout: the most seconds spent on one call across its attempts, or None (default None).
+        timeout: the most seconds spent on one call across its attempts and waits, or None (default None): no
+            retry whose wait would end past it, and an attempt still running then is cancelled
+            (:class:`~polytask.APITimeoutError`).
+        max_retry_after: the longest server-requested wait (Retry-After) honoured, seconds (default 300); a call
+            the server asks to wait longer fails with its error instead (a daily quota, a misconfigured server).
         wait_initial: the first backoff, seconds (default 0.25).
         wait_max: the largest backoff before jitter, seconds (default 30).
         wait_exp_base: growth factor per attempt (default 2).
@@ -56,7 +65,8 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     attempts: int = Field(default=6, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_retry_after: float = Field(default=300.0, ge=0)
     wait_initial: float = Field(default=0.25, ge=0)
     wait_max: float = Field(default=30.0, ge=0)
     wait_exp_base: float = Field(default=2.0, ge=1)
@@ -76,6 +86,7 @@ class RetryPolicy(BaseModel):
         sleep: Callable[[float], Awaitable[None]],
         on_retry: Callable[[BaseException, float], None] | None = None,
         rng: random.Random | None = None,
+        now: Callable[[], float] = time.monotonic,
     ) -> T:
         """Run ``fn`` until it succeeds, fails with a non-retryable error, or the policy is spent.
 
@@ -84,23 +95,39 @@ class RetryPolicy(BaseModel):
             sleep: how to wait (an injected clock's sleep in tests).
             on_retry: called with the error and the backoff in seconds before each wait.
             rng: the random source of the jitter.
+            now: the clock ``timeout`` is measured on, seconds (the injected clock's ``now`` in tests; an attempt
+                is cut at the timeout by anyio's own clock).
 
         Returns:
             ``fn``'s result.
 
         Raises:
-            The last attempt's error.
+            The last attempt's error; :class:`~polytask.APITimeoutError` when the ``timeout`` cut an attempt short.
         """
+        deadline = now() + self.timeout if self.timeout is not None else math.inf
+
+        async def attempt() -> T:
+            if deadline == math.inf:
+                return await fn()
+            with anyio.move_on_after(max(0.0, deadline - now())):
+                return await fn()
+            raise APITimeoutError(f"no answer within the retry policy's timeout of {self.timeout:g} s")
+
+        def worth_waiting(error: BaseException, wait: float) -> bool:
+            server = getattr(error, "retry_after", None)
+            return (server is None or server <= self.max_retry_after) and now() + wait < deadline
 
         # The first attempt runs outside tenacity: most calls succeed at once, and tenacity's per-call set-up
         # costs about 0.1 ms of CPU, a tenth of the whole pipeline's budget per call.
         try:
-            return await fn()
+            return await attempt()
         except Exception as error:
             if not is_retryable(error) or self.attempts == 1:
                 raise
             first = error
         wait_first = self.backoff(1, first, rng)
+        if not worth_waiting(first, wait_first):
+            raise first
         if on_retry:
             on_retry(first, wait_first)
         await sleep(wait_first)
@@ -109,15 +136,17 @@ class RetryPolicy(BaseModel):
             exc = state.outcome.exception() if state.outcome else None
             return self.backoff(state.attempt_number + 1, exc, rng)
 
+        def stop(state: RetryCallState) -> bool:  # tenacity ≥ 9 computes the wait first: upcoming_sleep
+            exc = state.outcome.exception() if state.outcome else None
+            spent = state.attempt_number + 1 >= self.attempts
+            return spent or exc is None or not worth_waiting(exc, state.upcoming_sleep)
+
         def before_sleep(state: RetryCallState) -> None:
             if on_retry and state.outcome and state.next_action:
                 exc = state.outcome.exception()
                 if exc is not None:
                     on_retry(exc, state.next_action.sleep)
 
-        stop: stop_base = stop_after_attempt(self.attempts - 1)
-        if self.timeout is not None:
-            stop = stop | stop_after_delay(max(0.0, self.timeout - wait_first))
         retrying = AsyncRetrying(
             stop=stop,
             wait=wait,
@@ -126,4 +155,4 @@ class RetryPolicy(BaseModel):
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(fn)
+        return await retrying(attempt)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .._checks import check_positive
 from .base import ChatRequest, ChatResponse
 
 __all__ = ["FunctionBackend"]
@@ -25,6 +26,9 @@ class FunctionBackend:
         name: shown in logs and progress.
         rpm, tpm: limits for the orchestrator's limiter to enforce (None for none).
 
+    Raises:
+        ConfigurationError: an ``rpm`` / ``tpm`` that is not a finite number > 0.
+
     Example::
 
         backend = pt.FunctionBackend(lambda request: {"label": "neutral", "score": 0.0})
@@ -38,6 +42,8 @@ class FunctionBackend:
         rpm: float | None = None,
         tpm: float | None = None,
     ) -> None:
+        check_positive("rpm", rpm)
+        check_positive("tpm", tpm)
         self.fn = fn
         self.name = name
         self.rpm = rpm

@@ -18,6 +18,7 @@ import httpx2
 import openai
 
 from .. import exceptions as exc
+from .._checks import check_count, check_positive
 from .._http import AiohttpClient, HTTPClient, Httpx2Client
 from .._version import __version__
 from ..exceptions import ConfigurationError
@@ -64,7 +65,8 @@ class OpenAIBackend:
         extra_body: extra JSON fields sent with every request.
 
     Raises:
-        ConfigurationError: no API key for OpenAI's own endpoint, or an unknown ``http``.
+        ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http``, or a bad number (the message
+            names it).
     """
 
     def __init__(
@@ -95,6 +97,10 @@ class OpenAIBackend:
             api_key = "not-needed"
         if http not in ("aiohttp", "httpx2", "sdk"):
             raise ConfigurationError(f"http must be 'aiohttp', 'httpx2' or 'sdk', got {http!r}")
+        check_positive("rpm", rpm)
+        check_positive("tpm", tpm)
+        check_positive("timeout", timeout, allow_none=False)
+        check_count("max_connections", max_connections, allow_none=False)
         if http_client is not None and http == "aiohttp":
             http = "httpx2"
         self.model = model
