@@ -487,3 +487,13 @@ def test_bad_backend_limits_name_themselves(kwargs):
 def test_bad_openai_timeout_names_itself(timeout):
     with pytest.raises(pt.ConfigurationError, match="timeout"):
         pt.OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", timeout=timeout)
+
+
+async def test_stream_read_on_after_the_orchestrator_closed_says_so():
+    async with pt.Orchestrator(pt.FunctionBackend(_slow_answer), [pt.Sentiment()], max_concurrency=2) as orch:
+        stream = orch.stream([f"Document {i}." for i in range(100)])
+        first = await anext(stream)
+    assert first.id in {str(i) for i in range(100)}
+    with pytest.raises(RuntimeError, match="closed before this stream ended"):
+        async for _ in stream:
+            pass

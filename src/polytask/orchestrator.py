@@ -263,7 +263,7 @@ class Orchestrator:
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.
-            RuntimeError: used outside ``async with``.
+            RuntimeError: used outside ``async with``, or read on after that block ended.
         """
         if self._tg is None:
             raise RuntimeError("use `async with Orchestrator(...) as orch:` around orch.stream(...)")
@@ -272,10 +272,14 @@ class Orchestrator:
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
         done = anyio.Event()
 
+        finished = False
+
         async def run_job() -> None:
+            nonlocal finished
             with scope:
                 try:
                     await self._run_job(documents, job)
+                    finished = True
                 except Exception as error:  # delivered to the consumer, not to the orchestrator's task group
                     job.fatal = job.fatal or error
                 finally:
@@ -301,6 +305,8 @@ class Orchestrator:
             await done.wait()
             if job.fatal is not None:
                 raise job.fatal
+            if not finished:  # cancelled from outside: the `async with` block ended while this stream was read
+                raise RuntimeError("the Orchestrator was closed before this stream ended; later documents were lost")
         finally:
             scope.cancel()
 
