@@ -46,7 +46,7 @@ def test_invalid_lines_keep_their_place_and_fail_the_exit_status(tmp_path):
     assert lines[0]["id"] == "a" and "results" in lines[0]
     assert lines[1]["line"] == 2 and "invalid JSON" in lines[1]["error"]["message"]
     assert lines[2]["id"] == "c" and "field 'text'" in lines[2]["error"]["message"]
-    assert lines[3]["id"] == "d" and lines[3]["metadata"]["line"] == 5
+    assert lines[0]["line"] == 1 and lines[3]["id"] == "d" and lines[3]["line"] == 5
     assert "line 2" in result.output
 
 
@@ -151,3 +151,83 @@ def test_insufficient_quota_stops_and_still_writes_every_line(tmp_path, monkeypa
     assert [r["id"] for r in lines] == [f"d{i}" for i in range(300)]  # every input line has its output line
     assert any(r.get("error", {}).get("type") == "RunStopped" for r in lines)  # never started
     assert any(r.get("partial") for r in lines)  # taken in, then stopped
+
+
+def test_awkward_input_lines_each_get_a_clear_error_and_keep_the_rest(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        b'\xef\xbb\xbf{"id": "bom", "text": "A byte order mark first.", "line": "user field"}\n'
+        b'{"id": "sur", "text": "a b. c\\ud800d."}\n'
+        b'{"id": "latin1", "text": "caf\xe9"}\n'
+        b'{"id": null, "text": "No id."}\n'
+        b'{"id": {"x": 1}, "text": "Odd id."}\n'
+        b"\xc2\xa0\n"
+        b'{"id": 7, "text": "Last."}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 7  # one output line per input line, in order
+    assert lines[0]["id"] == "bom" and "results" in lines[0] and lines[0]["metadata"] == {"line": "user field"}
+    assert lines[0]["line"] == 1
+    assert lines[1]["id"] == "sur" and "unpaired surrogate" in lines[1]["error"]["message"]
+    assert "line 3: not UTF-8 text (byte 0xe9" in lines[2]["error"]["message"]
+    assert lines[3]["id"] == "4" and "results" in lines[3]  # null id: the line number, as for a missing one
+    assert "field 'id' must be a string or an integer" in lines[4]["error"]["message"]
+    assert lines[5]["line"] == 6 and "invalid JSON" in lines[5]["error"]["message"]
+    assert lines[6]["id"] == "7" and "results" in lines[6]
+    assert "invalid input lines" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-t", "classify=a,a"], "two distinct"),
+        (["-t", "sentiment", "-t", "sentiment"], "unique"),
+        (["--simulate-oracle", "/nonexistent/gold.jsonl"], "does not exist"),
+        (["--timeout", "inf"], "finite"),
+        (["--rpm", "nan"], "finite"),
+    ],
+)
+def test_settings_that_cannot_work_exit_2_without_a_traceback_or_files(tmp_path, args, message):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "text": "Fine."}\n')
+    result = run_cli(source, "-o", tmp_path / "out.jsonl", "--simulate", *args)
+    assert result.exit_code == 2 and "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_output_that_is_a_folder_is_refused_before_the_run(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "text": "Fine."}\n')
+    (tmp_path / "adir").mkdir()
+    result = run_cli(source, "-o", tmp_path / "adir", "--simulate")
+    assert result.exit_code == 2 and "is a folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "in.jsonl"]
+
+
+def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monkeypatch):
+    import polytask.cli as cli
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(20)))
+    real = cli._result_record
+    seen = []
+
+    def interrupt_after_five(result):  # Ctrl-C arrives while the sixth finished document is handled
+        seen.append(result.id)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+        return real(result)
+
+    monkeypatch.setattr(cli, "_result_record", interrupt_after_five)
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
+    assert result.exit_code == 130 and "interrupted:" in result.output
+    assert not out.exists()
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert kept.name in result.output.replace("\n", "")
+    lines = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert len(lines) == 5 and all("results" in r for r in lines)

@@ -3,6 +3,8 @@
 import anyio
 import pytest
 
+import polytask as pt
+from polytask import CircuitOpenError
 from polytask.concurrency import AdaptiveConcurrency, CircuitBreaker
 from polytask.testing import FakeClock
 
@@ -92,22 +94,32 @@ async def test_breaker_opens_waits_probes_and_closes():
     assert breaker.state == "open"
     await breaker.wait()  # held for the cooldown, then let through as the probe
     assert clock.time == pytest.approx(2.0) and breaker.state == "half-open"
-    waiter_done = []
+    outcomes = []
 
     async def other():
-        await breaker.wait()
-        waiter_done.append(clock.now())
+        try:
+            await breaker.wait()
+            outcomes.append(("probe", clock.now()))
+        except CircuitOpenError as error:
+            outcomes.append(("failed", clock.now(), str(error)))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(other)
         await anyio.wait_all_tasks_blocked()
-        assert waiter_done == []  # only one probe at a time
-        breaker.on_failure()  # the probe failed: open again, twice as long
+        assert outcomes == []  # only one probe at a time
+        breaker.on_failure(pt.ServerError("boom", status_code=500))  # the probe failed: open again, twice as long
         assert breaker.state == "open"
-        await anyio.wait_all_tasks_blocked()
-        assert clock.time == pytest.approx(6.0)  # 2 s + 4 s
-        breaker.on_success()  # the second probe (the other caller) succeeded
-    assert breaker.state == "closed" and waiter_done == [pytest.approx(6.0)]
+    # the caller that waited for the probe fails at once instead of queueing behind the next probe
+    assert outcomes == [
+        (
+            "failed",
+            pytest.approx(2.0),
+            "the server failed 4 calls in a row and the probe after a 2 s cooldown (last: ServerError: HTTP 500: boom)",
+        )
+    ]
+    assert await breaker.wait() and clock.time == pytest.approx(6.0)  # the next probe: after 2 s + 4 s
+    breaker.on_success()
+    assert breaker.state == "closed" and await breaker.wait() == 0
 
 
 async def test_breaker_probe_that_says_nothing_lets_the_next_one_probe():

@@ -226,3 +226,16 @@ async def test_headers_sent_and_secret_never_in_errors(monkeypatch):
 def test_unknown_http_mode():
     with pytest.raises(pt.ConfigurationError, match="http"):
         pt.OpenAIBackend("m", base_url="http://x/v1", http="curl")
+
+
+@pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: 1", "sk-abc\x00def"])
+def test_api_key_with_a_control_character_fails_at_construction_without_showing_it(key):
+    with pytest.raises(pt.ConfigurationError, match="control character") as info:
+        pt.OpenAIBackend("m", api_key=key)
+    assert "sk-abc" not in str(info.value)
+
+
+def test_api_key_surrounding_whitespace_is_dropped(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "  sk-test-key-123456\n")
+    backend = pt.OpenAIBackend("m")
+    assert backend._secret == "sk-test-key-123456"

@@ -157,8 +157,12 @@ async def test_exhausted_retries_end_as_typed_errors_in_partial_documents(simula
     async with orchestrator(sim, retry=pt.RetryPolicy(attempts=3, wait_jitter=0)) as orch:
         results = await orch.run(TEXTS)
     assert len(results) == 3 and all(r.partial for r in results)
-    pair = results[0].pairs[0]
-    assert pair.error.type == "ServerError" and pair.error.status_code == 500 and pair.error.attempts == 3
+    pairs = [p for r in results for p in r.pairs]
+    # the last attempt's error: the server's 500, or (once the breaker opened and a probe failed) CircuitOpenError,
+    # an attempt that never reached the server (``attempts`` counts the requests sent)
+    assert {p.error.type for p in pairs} <= {"ServerError", "CircuitOpenError"}
+    assert all(1 <= p.error.attempts <= 3 for p in pairs)
+    assert any(p.error.type == "ServerError" and p.error.status_code == 500 and p.error.attempts == 3 for p in pairs)
     assert results[0].results["sentiment"].coverage == 0.0
 
 
@@ -373,8 +377,10 @@ async def test_circuit_breaker_stops_hammering_a_dead_server():
         results = await orch.run([f"S{i}." for i in range(20)])
     assert all(r.partial for r in results)
     assert orch.breaker.opened >= 1
-    # after ten failures in a row the breaker holds calls for its cooldown and then probes one at a time
-    assert calls[-1] >= 2.0 and len(calls) == 60
+    # after ten failures in a row the breaker holds calls for its cooldown and then probes one at a time; a call
+    # that waited through a failed probe fails without reaching the server (it used to send all 3 × 20 attempts)
+    assert calls[-1] >= 2.0 and len(calls) < 40
+    assert {p.error.type for r in results for p in r.pairs} <= {"ServerError", "CircuitOpenError"}
 
 
 async def _open_breaker(orch):
@@ -497,3 +503,27 @@ async def test_stream_read_on_after_the_orchestrator_closed_says_so():
     with pytest.raises(RuntimeError, match="closed before this stream ended"):
         async for _ in stream:
             pass
+
+
+async def test_rejected_api_key_stops_the_run_and_keeps_work():
+    calls = []
+
+    async def fn(request):
+        calls.append(request)
+        await anyio.sleep(0.001)
+        raise pt.AuthenticationError("invalid api key", status_code=401)
+
+    got = []
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], max_concurrency=2) as orch:
+        with pytest.raises(pt.AuthenticationError):
+            async for r in orch.stream([f"Doc {i}. Two sentences." for i in range(50)]):
+                got.append(r)
+    assert got and len(got) < 50 and len(calls) <= 4  # no new calls after the first 401s
+    assert set(errors_of(got)) <= {"AuthenticationError", "RunStopped"}
+
+
+async def test_an_error_in_the_async_with_block_comes_out_as_itself():
+    with pytest.raises(ValueError, match="mine"):
+        async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()]) as orch:
+            await orch.process("One.")
+            raise ValueError("mine")

@@ -236,7 +236,7 @@ class Caller:
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()
         elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError):
-            self.breaker.on_failure()
+            self.breaker.on_failure(error)
             overloaded = isinstance(error, APITimeoutError) or (
                 isinstance(error, ServerError) and error.status_code in (502, 503, 504)
             )

@@ -2,13 +2,15 @@
 
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
-(insufficient quota) or could not start.
+(insufficient quota, a rejected API key) or could not start; 130 when interrupted (the documents finished by then
+are kept in the partial file it names).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +27,7 @@ from rich.table import Table
 
 from .backends.base import Backend
 from .documents import Document, DocumentResult
-from .exceptions import PolytaskError, QuotaExceededError
+from .exceptions import AuthenticationError, PolytaskError, QuotaExceededError
 from .orchestrator import Orchestrator, RunStats
 from .retry import RetryPolicy
 from .tasks import Classify, Entities, Sentiment, Task
@@ -33,7 +35,10 @@ from .tasks import Classify, Entities, Sentiment, Task
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
 err = Console(stderr=True)
 
-TASK_HELP = "sentiment | entities | classify=LABEL1,LABEL2[,…] (repeatable; default: sentiment and entities)"
+TASK_HELP = (
+    "sentiment | entities | classify=LABEL1,LABEL2[,…] | classify-multi=LABEL1,LABEL2[,…] "
+    "(repeatable; default: sentiment and entities)"
+)
 
 
 def parse_task(spec: str) -> Task[Any]:
@@ -49,6 +54,9 @@ def parse_task(spec: str) -> Task[Any]:
     raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
 
 
+_SEQ, _LINE = "_polytask_seq", "_polytask_line"  # kept in a document's metadata while it runs, then taken out
+
+
 class _Input:
     """Reads a JSON Lines file lazily; invalid lines become error records that keep their place in the output."""
 
@@ -62,41 +70,52 @@ class _Input:
         with self.path.open("rb") as f:
             return sum(1 for line in f if line.strip())
 
-    def _record(self, number: int, line: str) -> Document | dict[str, Any]:
+    def _record(self, number: int, raw: bytes) -> Document | dict[str, Any]:
+        def invalid(message: str, doc_id: str | None = None) -> dict[str, Any]:
+            record: dict[str, Any] = {"id": doc_id} if doc_id is not None else {}
+            return {**record, "line": number, "error": {"type": "InputError", "message": f"line {number}: {message}"}}
+
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return invalid(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1})")
         try:
             data = json.loads(line)
         except ValueError as error:
-            return {
-                "line": number,
-                "error": {"type": "InputError", "message": f"line {number}: invalid JSON: {error}"},
-            }
+            return invalid(f"invalid JSON: {error}")
         if not isinstance(data, dict):
-            return {
-                "line": number,
-                "error": {"type": "InputError", "message": f"line {number}: not a JSON object"},
-            }
+            return invalid("not a JSON object")
+        doc_id = data.get(self.id_field)
+        if doc_id is None:
+            doc_id = str(number)
+        elif isinstance(doc_id, str) or (isinstance(doc_id, int) and not isinstance(doc_id, bool)):
+            doc_id = str(doc_id)
+        else:
+            return invalid(f"field {self.id_field!r} must be a string or an integer, got {type(doc_id).__name__}")
         text = data.get(self.text_field)
-        doc_id = str(data.get(self.id_field, number))
         if not isinstance(text, str):
-            message = (
-                f"line {number}: field {self.text_field!r} is missing"
-                if self.text_field not in data
-                else f"line {number}: field {self.text_field!r} must be a string, got {type(text).__name__}"
-            )
-            return {"id": doc_id, "line": number, "error": {"type": "InputError", "message": message}}
+            if self.text_field not in data:
+                return invalid(f"field {self.text_field!r} is missing", doc_id)
+            return invalid(f"field {self.text_field!r} must be a string, got {type(text).__name__}", doc_id)
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
+            return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), not text", doc_id)
         metadata = {k: v for k, v in data.items() if k not in (self.text_field, self.id_field)}
-        return Document(id=doc_id, text=text, metadata={**metadata, "line": number})
+        return Document(id=doc_id, text=text, metadata=metadata)
 
     def documents(self) -> Iterator[Document]:
-        with self.path.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+        with self.path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows tools write one)
+                if not raw.strip():  # the same test as count()
                     continue
                 seq = self.read
                 self.read += 1
-                record = self._record(number, line)
+                record = self._record(number, raw)
                 if isinstance(record, Document):
-                    yield record.model_copy(update={"metadata": {**record.metadata, "_seq": seq}})
+                    yield record.model_copy(update={"metadata": {**record.metadata, _SEQ: seq, _LINE: number}})
                 else:
                     err.print(f"[yellow]skipped[/] {escape(record['error']['message'])}", soft_wrap=True)
                     self.invalid[seq] = record
@@ -138,8 +157,8 @@ class _Writer:
 
 def _result_record(result: DocumentResult) -> dict[str, Any]:
     data = result.to_json_dict()
-    data["metadata"].pop("_seq", None)
-    return data
+    data["metadata"].pop(_SEQ, None)
+    return {"id": data.pop("id"), "line": data["metadata"].pop(_LINE, None), **data}
 
 
 def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Table:
@@ -165,20 +184,11 @@ def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tab
     return table
 
 
-async def _run(
-    backend: Backend,
-    tasks: list[Task[Any]],
-    source: _Input,
-    out: TextIO,
-    options: dict[str, Any],
-    progress: bool,
-    allow_partial: bool,
-) -> int:
+async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bool, allow_partial: bool) -> int:
     total = source.count()
-    writer = _Writer(out)
     started = time.perf_counter()
     code = 0
-    async with Orchestrator(backend, tasks, **options) as orch:
+    async with orch:
         bar = Progress(
             TextColumn("[bold]documents"),
             BarColumn(),
@@ -202,26 +212,26 @@ async def _run(
         with bar:
             task_id = bar.add_task("run", total=total, line="")
             documents = source.documents()
+            stopped: PolytaskError | None = None
             try:
                 async for result in orch.stream(documents):
-                    writer.put(result.metadata["_seq"], _result_record(result))
+                    writer.put(result.metadata[_SEQ], _result_record(result))
                     writer.flush(source.invalid)
                     if result.partial and not allow_partial:
                         code = 1
                     refresh()
-            except QuotaExceededError as error:
+            except (QuotaExceededError, AuthenticationError) as error:
                 err.print(f"[red]stopped:[/] {escape(str(error))}", soft_wrap=True)
-                code = 2
-            writer.flush(source.invalid)
-            if code == 2:  # what was never started still gets its output line
-                for doc in documents:
-                    stopped = {
-                        "type": "RunStopped",
-                        "message": "not started: the run stopped (insufficient quota)",
-                    }
-                    writer.put(doc.metadata["_seq"], {"id": doc.id, "line": doc.metadata["line"], "error": stopped})
+                stopped, code = error, 2
+            finally:  # also when interrupted: every finished document is written
                 writer.flush(source.invalid)
-            writer.drain(source.invalid)
+                if stopped is not None:  # what was never started still gets its output line
+                    message = f"not started: the run stopped ({type(stopped).__name__})"
+                    for doc in documents:
+                        record = {"id": doc.id, "line": doc.metadata[_LINE]}
+                        writer.put(doc.metadata[_SEQ], {**record, "error": {"type": "RunStopped", "message": message}})
+                    writer.flush(source.invalid)
+                writer.drain(source.invalid)
             refresh()
     if source.invalid_count or writer.written < total:
         code = max(code, 1)
@@ -266,7 +276,6 @@ def run(
     ] = False,
 ) -> None:
     """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
-    tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
     _check_numbers(
         rpm=rpm,
         tpm=tpm,
@@ -277,10 +286,18 @@ def run(
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
     )
+    try:
+        tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
+    except PolytaskError as error:
+        _fail(str(error))
     if output.exists() and output.resolve() == input.resolve():
         _fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
+    if output.is_dir():
+        _fail(f"the output {output} is a folder: name a file")
     if not output.parent.is_dir():
         _fail(f"the output folder {output.parent} does not exist")
+    if simulate_oracle is not None and not simulate_oracle.is_file():
+        _fail(f"the simulator's gold file {simulate_oracle} does not exist")
     stack = contextlib.ExitStack()
     with stack:
         if simulate or simulate_oracle is not None or simulate_faults or simulate_latency:
@@ -289,19 +306,46 @@ def run(
             config = _simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
             base_url = stack.enter_context(run_in_thread(config)).base_url
         the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)
-        options = {
-            "max_concurrency": concurrency,
-            "retry": RetryPolicy(attempts=attempts),
-            "context_sentences": context,
-        }
+        try:
+            orch = Orchestrator(
+                the_backend,
+                tasks,
+                max_concurrency=concurrency,
+                retry=RetryPolicy(attempts=attempts),
+                context_sentences=context,
+            )
+        except PolytaskError as error:
+            _fail(str(error))
         source = _Input(input, text_field, id_field)
-        # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that fails to start
+        # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that does not finish
         partial_path = output.with_name(f".{output.name}.{os.getpid()}.partial")
-        with partial_path.open("w", encoding="utf-8") as out:
-            show = progress and sys.stderr.isatty()
-            code = anyio.run(_run, the_backend, tasks, source, out, options, show, allow_partial)
+        writer: _Writer | None = None
+        try:
+            with partial_path.open("w", encoding="utf-8") as out:
+                writer = _Writer(out)
+                show = progress and sys.stderr.isatty()
+                code = anyio.run(_run, orch, source, writer, show, allow_partial)
+        except BaseException as error:
+            _keep_partial(partial_path, writer, output, error)
+            raise
         os.replace(partial_path, output)
     raise typer.Exit(code)
+
+
+def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
+    """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
+    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed ({type(error).__name__})"
+    if writer is not None and writer.written:
+        err.print(
+            f"[red]{why}:[/] {writer.written} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
+            "was not written)",
+            soft_wrap=True,
+        )
+    else:
+        path.unlink(missing_ok=True)
+        err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
+    if isinstance(error, KeyboardInterrupt):
+        raise typer.Exit(130) from None
 
 
 def _fail(message: str) -> NoReturn:
@@ -315,6 +359,8 @@ def _check_numbers(**values: float | None) -> None:
     for name, value in values.items():
         if value is None:
             continue
+        if not math.isfinite(value):
+            _fail(f"--{name.replace('_', '-')} must be a finite number, got {value:g}")
         if name in positive and not value > 0:
             _fail(f"--{name.replace('_', '-')} must be greater than 0, got {value:g}")
         if not value >= 0:

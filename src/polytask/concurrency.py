@@ -18,6 +18,7 @@ from collections import deque
 
 import anyio
 
+from .exceptions import CircuitOpenError
 from .limits import Clock, MonotonicClock
 
 __all__ = ["AdaptiveConcurrency", "CircuitBreaker"]
@@ -118,6 +119,12 @@ class AdaptiveConcurrency:
 class CircuitBreaker:
     """Stops calling a failing server, then probes it with one call.
 
+    After ``threshold`` consecutive failures the circuit opens: calls wait out the cooldown, then one goes as the
+    probe while the others wait for its outcome. A successful probe closes the circuit; a failed one reopens it
+    for twice the cooldown (at most ``max_cooldown``) and each call that waited for it fails with
+    :class:`~polytask.CircuitOpenError` (one attempt of its retry policy), so a dead server fails every call after
+    about ``attempts`` cooldowns instead of holding them one probe at a time.
+
     Args:
         threshold: consecutive failures that open the circuit (default 10).
         cooldown: seconds the circuit stays open the first time (default 2).
@@ -136,6 +143,8 @@ class CircuitBreaker:
         self.failures = 0
         self.opened = 0
         self._cooldown = cooldown
+        self._last_cooldown = cooldown
+        self._last_error = "unknown"
         self._open_until = 0.0
         self._probe_done = anyio.Event()
         self._probing = False
@@ -149,7 +158,13 @@ class CircuitBreaker:
             (:meth:`on_success`, :meth:`on_failure`, :meth:`on_other`) and, on any other ending (cancelled, or
             failed before it reached the server), calls :meth:`abandon` with that number so the next call probes.
         """
+        opened = self.opened
         while self.state != "closed":
+            if self.opened != opened:  # a probe failed while this call waited: it fails now instead of queueing
+                raise CircuitOpenError(  # behind the next probes (a dead server would hold every call for hours)
+                    f"the server failed {self.failures} calls in a row and the probe after a {self._last_cooldown:g} s"
+                    f" cooldown (last: {self._last_error})"
+                )
             if self.state == "open":
                 remaining = self._open_until - self.clock.now()
                 if remaining > 0:
@@ -177,10 +192,13 @@ class CircuitBreaker:
         self.state = "closed"
         self._end_probe()
 
-    def on_failure(self) -> None:
-        """A call failed in a way that says the server is unwell (5xx, timeout, connection error)."""
+    def on_failure(self, error: BaseException | None = None) -> None:
+        """A call failed in a way that says the server is unwell (5xx, timeout, connection error): ``error``."""
         self.failures += 1
+        if error is not None:
+            self._last_error = f"{type(error).__name__}: {error}"
         if self.state == "half-open" or (self.state == "closed" and self.failures >= self.threshold):
+            self._last_cooldown = self._cooldown
             if self.state == "half-open":
                 self._cooldown = min(self.max_cooldown, self._cooldown * 2)
             self.state = "open"

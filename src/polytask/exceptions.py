@@ -40,6 +40,7 @@ __all__ = [
     "AuthenticationError",
     "BackendError",
     "BadRequestError",
+    "CircuitOpenError",
     "ConfigurationError",
     "InputError",
     "LengthLimitError",
@@ -102,7 +103,7 @@ class RequestTooLargeError(PolytaskError):
 
 
 class RunStopped(PolytaskError):
-    """A pair was not sent because the run stopped (a 429 ``insufficient_quota``); the work done is kept."""
+    """A pair was not sent because the run stopped (a 429 ``insufficient_quota``, a 401); the work done is kept."""
 
 
 class BackendError(PolytaskError):
@@ -115,6 +116,11 @@ class APIConnectionError(BackendError):
 
 class APITimeoutError(APIConnectionError):
     """No response arrived within the call's timeout."""
+
+
+class CircuitOpenError(BackendError):
+    """Not sent: the server failed the calls before this one and the probe sent after the circuit breaker's cooldown
+    (see :class:`~polytask.concurrency.CircuitBreaker`). Retried like a server error, one cooldown later."""
 
 
 class APIStatusError(BackendError):

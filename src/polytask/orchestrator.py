@@ -31,7 +31,14 @@ from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .estimates import PromptEstimator, cached_tiktoken_counter
-from .exceptions import ConfigurationError, InputError, PolytaskError, QuotaExceededError, RunStopped
+from .exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    InputError,
+    PolytaskError,
+    QuotaExceededError,
+    RunStopped,
+)
 from .limits import Clock, MonotonicClock, RateLimiter
 from .prompts import build_messages
 from .retry import RetryPolicy
@@ -90,6 +97,29 @@ class _Job:
 
 
 def _coerce(item: Any, position: int) -> Document:
+    document = _document(item, position)
+    try:
+        document.text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON's "\ud800" escape decodes to a lone surrogate, which is not text
+        raise InputError(
+            f"document {position}: 'text' holds an unpaired surrogate {error.object[error.start]!r} at offset "
+            f"{error.start}, which is not Unicode text",
+            field="text",
+        ) from None
+    return document
+
+
+def _document_id(value: Any, position: int) -> str:
+    if value is None:
+        return str(position)
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise InputError(
+        f"document {position}: 'id' must be a string or an integer, got {type(value).__name__}", field="id"
+    )
+
+
+def _document(item: Any, position: int) -> Document:
     if isinstance(item, Document):
         return item
     if isinstance(item, str):
@@ -98,13 +128,13 @@ def _coerce(item: Any, position: int) -> Document:
         doc_id, text = item
         if not isinstance(text, str):
             raise InputError(f"document {position}: text must be a string, got {type(text).__name__}", field="text")
-        return Document(id=str(doc_id), text=text)
+        return Document(id=_document_id(doc_id, position), text=text)
     if isinstance(item, dict):
         text = item.get("text")
         if not isinstance(text, str):
             raise InputError(f"document {position}: 'text' must be a string, got {type(text).__name__}", field="text")
         rest = {k: v for k, v in item.items() if k not in ("id", "text")}
-        return Document(id=str(item.get("id", position)), text=text, metadata=rest)
+        return Document(id=_document_id(item.get("id"), position), text=text, metadata=rest)
     raise InputError(
         f"document {position}: expected a str, an (id, text) pair, a Document or a dict, got {type(item).__name__}"
     )
@@ -239,6 +269,10 @@ class Orchestrator:
         tg.cancel_scope.cancel()
         try:
             return await tg.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            if exc_info[1] is not None and all(e is exc_info[1] for e in group.exceptions):
+                return False  # only the block's own error: raise it as itself, not wrapped in a group
+            raise
         finally:
             if self.close_backend:
                 with anyio.CancelScope(shield=True):
@@ -259,7 +293,9 @@ class Orchestrator:
             :class:`DocumentResult`, one per input document.
 
         Raises:
-            QuotaExceededError: after yielding every document taken in (their unsent pairs marked ``RunStopped``).
+            QuotaExceededError, AuthenticationError: no later call could succeed (``insufficient_quota``, a 401), so
+                the run stops: raised after yielding every document taken in (their unsent pairs marked
+                ``RunStopped``).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.
@@ -407,7 +443,7 @@ class Orchestrator:
             value = task.postprocess(state.document.text, sentence, answer.value)
         except AskError as failure:
             error = failure.error
-            if isinstance(error, QuotaExceededError):
+            if isinstance(error, QuotaExceededError | AuthenticationError):  # no later call could succeed either
                 job.fatal = job.fatal or error
                 job.stop_reading = True
             elif not isinstance(error, PolytaskError):

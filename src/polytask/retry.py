@@ -1,7 +1,8 @@
 """Retry policy by failure kind, on tenacity.
 
 Retried (exponential backoff with full jitter added, never shorter than the server's Retry-After): 408, 409,
-429 (except ``insufficient_quota``), 5xx, timeouts, connection errors and malformed 200 bodies.
+429 (except ``insufficient_quota``), 5xx, timeouts, connection errors, malformed 200 bodies and calls held back by
+an open circuit breaker.
 Never retried: 400, 401, 403, 404, 422, ``insufficient_quota``, refusals, ``finish_reason == "length"``,
 requests larger than the TPM limit, and cancellation (tenacity only sees ``Exception``; anyio's cancellation is a
 ``BaseException`` and passes straight through).
@@ -28,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from .exceptions import (
     APIConnectionError,
     APITimeoutError,
+    CircuitOpenError,
     MalformedResponseError,
     QuotaExceededError,
     RateLimitError,
@@ -43,7 +45,9 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether another attempt could succeed where this one failed."""
     if isinstance(exc, QuotaExceededError):
         return False
-    return isinstance(exc, RateLimitError | ServerError | APIConnectionError | MalformedResponseError)
+    return isinstance(
+        exc, RateLimitError | ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError
+    )
 
 
 class RetryPolicy(BaseModel):
