@@ -171,7 +171,7 @@ def test_awkward_input_lines_each_get_a_clear_error_and_keep_the_rest(tmp_path):
     assert len(lines) == 7  # one output line per input line, in order
     assert lines[0]["id"] == "bom" and "results" in lines[0] and lines[0]["metadata"] == {"line": "user field"}
     assert lines[0]["line"] == 1
-    assert lines[1]["id"] == "sur" and "unpaired surrogate" in lines[1]["error"]["message"]
+    assert lines[1]["line"] == 2 and "unpaired surrogate" in lines[1]["error"]["message"]
     assert "line 3: not UTF-8 text (byte 0xe9" in lines[2]["error"]["message"]
     assert lines[3]["id"] == "4" and "results" in lines[3]  # null id: the line number, as for a missing one
     assert "field 'id' must be a string or an integer" in lines[4]["error"]["message"]
@@ -231,3 +231,46 @@ def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monke
     assert kept.name in result.output.replace("\n", "")
     lines = [json.loads(line) for line in kept.read_text().splitlines()]
     assert len(lines) == 5 and all("results" in r for r in lines)
+
+
+def test_surrogate_id_reserved_fields_and_a_bom_before_a_blank_line(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        b"\xef\xbb\xbf\n"
+        b'{"id": "\\ud800", "text": "Good."}\n'
+        b'{"id": "r", "text": "Good.", "_polytask_seq": 1}\n'
+        b'{"id": "ok", "text": "Good."}'  # no newline at the end
+    )
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in lines] == [2, 3, 4]
+    assert lines[0]["id"] is None and "unpaired surrogate" in lines[0]["error"]["message"]
+    assert "reserved: _polytask_seq" in lines[1]["error"]["message"]
+    assert lines[2]["id"] == "ok" and "results" in lines[2]
+
+
+def test_a_clean_file_with_a_bom_and_a_blank_line_exits_0(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'\xef\xbb\xbf\n{"id": "a", "text": "Good day."}\n\n')
+    result = run_cli(source, "-o", tmp_path / "out.jsonl", "--simulate", "-t", "sentiment")
+    assert result.exit_code == 0, result.output
+
+
+def test_input_read_from_a_pipe(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "w") as f:
+            f.write('{"id": "a", "text": "One."}\n{"id": "b", "text": "Two."}\n')
+
+    threading.Thread(target=feed, daemon=True).start()
+    out = tmp_path / "out.jsonl"
+    result = run_cli(fifo, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]

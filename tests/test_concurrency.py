@@ -92,8 +92,8 @@ async def test_breaker_opens_waits_probes_and_closes():
         await breaker.wait()
         breaker.on_failure()
     assert breaker.state == "open"
-    await breaker.wait()  # held for the cooldown, then let through as the probe
-    assert clock.time == pytest.approx(2.0) and breaker.state == "half-open"
+    probe = await breaker.wait()  # held for the cooldown, then let through as the probe
+    assert probe and clock.time == pytest.approx(2.0) and breaker.state == "half-open"
     outcomes = []
 
     async def other():
@@ -107,14 +107,19 @@ async def test_breaker_opens_waits_probes_and_closes():
         tg.start_soon(other)
         await anyio.wait_all_tasks_blocked()
         assert outcomes == []  # only one probe at a time
-        breaker.on_failure(pt.ServerError("boom", status_code=500))  # the probe failed: open again, twice as long
+        breaker.on_failure(pt.ServerError("old", status_code=500))  # a call sent before it opened: no verdict
+        assert breaker.state == "half-open" and outcomes == []
+        breaker.on_other()  # nor does another call's ending end the probe
+        await anyio.wait_all_tasks_blocked()
+        assert outcomes == []
+        breaker.on_failure(pt.ServerError("boom", status_code=500), probe)  # the probe failed: open, twice as long
         assert breaker.state == "open"
     # the caller that waited for the probe fails at once instead of queueing behind the next probe
     assert outcomes == [
         (
             "failed",
             pytest.approx(2.0),
-            "the server failed 4 calls in a row and the probe after a 2 s cooldown (last: ServerError: HTTP 500: boom)",
+            "the server failed 5 calls in a row and the probe after a 2 s cooldown (last: ServerError: HTTP 500: boom)",
         )
     ]
     assert await breaker.wait() and clock.time == pytest.approx(6.0)  # the next probe: after 2 s + 4 s
@@ -126,7 +131,7 @@ async def test_breaker_probe_that_says_nothing_lets_the_next_one_probe():
     clock = FakeClock()
     breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=clock)
     breaker.on_failure()
-    await breaker.wait()
-    breaker.on_other()  # the probe was cancelled
-    await breaker.wait()  # the next caller probes instead of waiting forever
+    probe = await breaker.wait()
+    breaker.on_other(probe)  # the probe was cancelled
+    assert await breaker.wait() == probe + 1  # the next caller probes instead of waiting forever
     assert breaker.state == "half-open"

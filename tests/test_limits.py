@@ -175,3 +175,20 @@ async def test_waiting_call_fails_when_a_learned_tpm_shrinks_below_it():
 def test_bad_limiter_settings_name_themselves(kwargs, name):
     with pytest.raises(ConfigurationError, match=name):
         RateLimiter(**kwargs)
+
+
+async def test_learned_tpm_shrink_fails_the_waiting_call_within_seconds_not_its_whole_wait():
+    from polytask.backends.base import RateLimitHeaders
+
+    class Clock(FakeClock):
+        async def sleep(self, seconds):  # a response teaches a smaller limit while the call sleeps
+            await super().sleep(seconds)
+            limiter.observe(RateLimitHeaders(limit_tokens=6_000, remaining_tokens=0))
+
+    clock = Clock()
+    limiter = RateLimiter(clock=clock, learn=True, headroom=0)
+    await limiter.acquire(100)
+    limiter.observe(RateLimitHeaders(limit_tokens=60_000, remaining_tokens=0))  # 1,000 tokens per second
+    with pytest.raises(RequestTooLargeError):
+        await limiter.acquire(30_000)  # a 30 s wait at the old limit
+    assert clock.now() <= 5.0  # it looked again after at most 5 s

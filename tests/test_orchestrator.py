@@ -162,7 +162,8 @@ async def test_exhausted_retries_end_as_typed_errors_in_partial_documents(simula
     # an attempt that never reached the server (``attempts`` counts the requests sent)
     assert {p.error.type for p in pairs} <= {"ServerError", "CircuitOpenError"}
     assert all(1 <= p.error.attempts <= 3 for p in pairs)
-    assert any(p.error.type == "ServerError" and p.error.status_code == 500 and p.error.attempts == 3 for p in pairs)
+    assert all("500" in p.error.message for p in pairs)  # CircuitOpenError names the server's last error
+    assert sim.stats.received <= 3 * len(pairs)
     assert results[0].results["sentiment"].coverage == 0.0
 
 
@@ -438,7 +439,7 @@ async def test_breaker_probe_cancelled_while_queued_lets_the_next_call_probe():
     assert not ok.partial and orch.breaker.state == "closed" and len(calls) == 11
 
 
-async def test_endless_retry_after_fails_the_call_and_pauses_others_at_most_max_retry_after():
+async def test_retry_after_past_max_retry_after_fails_the_call_and_holds_no_other():
     clock = FakeClock()
     calls = []
 
@@ -453,7 +454,7 @@ async def test_endless_retry_after_fails_the_call_and_pauses_others_at_most_max_
             first = await orch.process("First.")
             second = await orch.process("Second.")
     assert first.pairs[0].error.type == "RateLimitError" and first.pairs[0].attempts == 1
-    assert not second.partial and calls[1] == pytest.approx(300.0)  # RetryPolicy.max_retry_after
+    assert not second.partial and calls[1] == 0.0  # a daily cap must not hold every other call for 300 s each
 
 
 def _answer(request):
@@ -466,6 +467,7 @@ def _answer(request):
         ({"max_concurrency": 0}, "max_concurrency"),
         ({"max_concurrency": 2.5}, "max_concurrency"),
         ({"max_concurrency": float("nan")}, "max_concurrency"),
+        ({"max_concurrency": 10_001}, "max_concurrency must be at most 10,000"),
         ({"max_pending_documents": 0}, "max_pending_documents"),
         ({"max_pending_documents": -1}, "max_pending_documents"),
         ({"max_sentence_chars": 0}, "max_sentence_chars"),

@@ -22,8 +22,10 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = True) -
         raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_count(name: str, value: int | None, *, minimum: int = 1, allow_none: bool = True) -> None:
-    """``value`` is a whole number ≥ ``minimum`` (or None when ``allow_none``).
+def check_count(
+    name: str, value: int | None, *, minimum: int = 1, maximum: int | None = None, allow_none: bool = True
+) -> None:
+    """``value`` is a whole number ≥ ``minimum`` and ≤ ``maximum`` (or None when ``allow_none``).
 
     Raises:
         ConfigurationError: naming ``name``.
@@ -32,3 +34,5 @@ def check_count(name: str, value: int | None, *, minimum: int = 1, allow_none: b
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigurationError(f"{name} must be a whole number ≥ {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name} must be at most {maximum:,}, got {value:,}")

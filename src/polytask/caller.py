@@ -162,12 +162,12 @@ class Caller:
             req = request()
             probe = await self.breaker.wait() if self.breaker.state != "closed" else 0
             try:
-                return await sent(req)
+                return await sent(req, probe)
             except BaseException:
-                self.breaker.abandon(probe)  # e.g. too large for the TPM limit, or cancelled while queued
+                self.breaker.on_other(probe)  # e.g. too large for the TPM limit, or cancelled while queued
                 raise
 
-        async def sent(req: ChatRequest) -> ChatResponse:
+        async def sent(req: ChatRequest, probe: int) -> ChatResponse:
             nonlocal full
             slots = self.concurrency.limiter
             try:
@@ -182,7 +182,7 @@ class Caller:
                 try:
                     response = await self.backend.complete(req)
                 except BaseException as error:
-                    self._failed(error)
+                    self._failed(error, probe)
                     raise
             finally:
                 slots.release()
@@ -221,22 +221,23 @@ class Caller:
         if self.limiter is not None:
             self.limiter.observe(response.rate_limits)
 
-    def _failed(self, error: BaseException) -> None:
-        """Feed a failed call to the limiter, the breaker and the concurrency controller."""
+    def _failed(self, error: BaseException, probe: int) -> None:
+        """Feed a failed call (``probe``: its probe number, 0 if it was none) to the limiter, the breaker and the
+        concurrency controller."""
         if self.limiter is not None:
             self.limiter.observe(None)
         if isinstance(error, RateLimitError):
             self.stats.rate_limited += 1
-            self.breaker.on_other()
+            self.breaker.on_other(probe)
             if isinstance(error, QuotaExceededError):
                 return
-            if error.retry_after and self.limiter is not None:  # a wait past the policy's longest is not waited
-                self.limiter.pause(min(error.retry_after, self.retry.max_retry_after))
+            if error.retry_after and self.limiter is not None and error.retry_after <= self.retry.max_retry_after:
+                self.limiter.pause(error.retry_after)  # a longer one is not waited: the call fails, the others go on
             known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()
         elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError):
-            self.breaker.on_failure(error)
+            self.breaker.on_failure(error, probe)
             overloaded = isinstance(error, APITimeoutError) or (
                 isinstance(error, ServerError) and error.status_code in (502, 503, 504)
             )
@@ -245,4 +246,4 @@ class Caller:
         elif isinstance(error, APIStatusError):
             self.breaker.on_success()  # a 4xx answer: the server is up
         else:
-            self.breaker.on_other()
+            self.breaker.on_other(probe)

@@ -54,6 +54,7 @@ def parse_task(spec: str) -> Task[Any]:
     raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
 
 
+_RESERVED = "_polytask_"
 _SEQ, _LINE = "_polytask_seq", "_polytask_line"  # kept in a document's metadata while it runs, then taken out
 
 
@@ -66,14 +67,25 @@ class _Input:
         self.invalid_count = 0
         self.read = 0  # documents (valid or not) read so far
 
-    def count(self) -> int:
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        """``(line number, bytes)`` of every line that is not blank (a UTF-8 byte order mark on line 1 dropped)."""
         with self.path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
+            for number, raw in enumerate(f, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # Windows tools write one
+                if raw.strip():
+                    yield number, raw
+
+    def count(self) -> int | None:
+        """Documents in the file, or None when it can be read only once (a pipe)."""
+        if not self.path.is_file():
+            return None
+        return sum(1 for _ in self._lines())
 
     def _record(self, number: int, raw: bytes) -> Document | dict[str, Any]:
         def invalid(message: str, doc_id: str | None = None) -> dict[str, Any]:
-            record: dict[str, Any] = {"id": doc_id} if doc_id is not None else {}
-            return {**record, "line": number, "error": {"type": "InputError", "message": f"line {number}: {message}"}}
+            error = {"type": "InputError", "message": f"line {number}: {message}"}
+            return {"id": doc_id, "line": number, "error": error}
 
         try:
             line = raw.decode("utf-8")
@@ -85,6 +97,13 @@ class _Input:
             return invalid(f"invalid JSON: {error}")
         if not isinstance(data, dict):
             return invalid("not a JSON object")
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
+            return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not text")
+        reserved = sorted(k for k in data if k.startswith(_RESERVED))
+        if reserved:
+            return invalid(f"field names starting with {_RESERVED!r} are reserved: {', '.join(reserved)}")
         doc_id = data.get(self.id_field)
         if doc_id is None:
             doc_id = str(number)
@@ -97,29 +116,20 @@ class _Input:
             if self.text_field not in data:
                 return invalid(f"field {self.text_field!r} is missing", doc_id)
             return invalid(f"field {self.text_field!r} must be a string, got {type(text).__name__}", doc_id)
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
-            return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), not text", doc_id)
         metadata = {k: v for k, v in data.items() if k not in (self.text_field, self.id_field)}
         return Document(id=doc_id, text=text, metadata=metadata)
 
     def documents(self) -> Iterator[Document]:
-        with self.path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if number == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows tools write one)
-                if not raw.strip():  # the same test as count()
-                    continue
-                seq = self.read
-                self.read += 1
-                record = self._record(number, raw)
-                if isinstance(record, Document):
-                    yield record.model_copy(update={"metadata": {**record.metadata, _SEQ: seq, _LINE: number}})
-                else:
-                    err.print(f"[yellow]skipped[/] {escape(record['error']['message'])}", soft_wrap=True)
-                    self.invalid[seq] = record
-                    self.invalid_count += 1
+        for number, raw in self._lines():
+            seq = self.read
+            self.read += 1
+            record = self._record(number, raw)
+            if isinstance(record, Document):
+                yield record.model_copy(update={"metadata": {**record.metadata, _SEQ: seq, _LINE: number}})
+            else:
+                err.print(f"[yellow]skipped[/] {escape(record['error']['message'])}", soft_wrap=True)
+                self.invalid[seq] = record
+                self.invalid_count += 1
 
 
 class _Writer:
@@ -233,7 +243,7 @@ async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bo
                     writer.flush(source.invalid)
                 writer.drain(source.invalid)
             refresh()
-    if source.invalid_count or writer.written < total:
+    if source.invalid_count or (total is not None and writer.written < total):
         code = max(code, 1)
     err.print(_summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count))
     return code

@@ -154,9 +154,12 @@ class CircuitBreaker:
         """Return when a call may go out: at once while closed; after the cooldown, one probe at a time.
 
         Returns:
-            0, or a probe number when this call is the probe: its caller reports how the call ended
-            (:meth:`on_success`, :meth:`on_failure`, :meth:`on_other`) and, on any other ending (cancelled, or
-            failed before it reached the server), calls :meth:`abandon` with that number so the next call probes.
+            0, or a probe number when this call is the probe: its caller passes that number to :meth:`on_failure`
+            / :meth:`on_other` (only the probe's own verdict reopens the circuit or lets the next call probe) and
+            calls :meth:`on_other` with it on any other ending (cancelled, failed before it reached the server).
+
+        Raises:
+            CircuitOpenError: a probe failed while this call waited.
         """
         opened = self.opened
         while self.state != "closed":
@@ -179,36 +182,38 @@ class CircuitBreaker:
             await self._probe_done.wait()
         return 0
 
-    def abandon(self, probe: int) -> None:
-        """Probe number ``probe`` ended without a verdict on the server: let the next call probe (no-op when that
-        probe already ended)."""
-        if probe and probe == self._probes:
-            self._end_probe()
-
     def on_success(self) -> None:
-        """A call succeeded: close the circuit."""
+        """A call succeeded (any call: the server answers): close the circuit."""
         self.failures = 0
         self._cooldown = self.base_cooldown
         self.state = "closed"
         self._end_probe()
 
-    def on_failure(self, error: BaseException | None = None) -> None:
-        """A call failed in a way that says the server is unwell (5xx, timeout, connection error): ``error``."""
+    def on_failure(self, error: BaseException | None = None, probe: int = 0) -> None:
+        """A call failed in a way that says the server is unwell (5xx, timeout, connection error): ``error``;
+        ``probe``: the number :meth:`wait` gave it (0 for a call that was not the probe). While half-open, only the
+        probe's failure reopens the circuit: calls sent before it opened say nothing about the server now."""
         self.failures += 1
         if error is not None:
             self._last_error = f"{type(error).__name__}: {error}"
-        if self.state == "half-open" or (self.state == "closed" and self.failures >= self.threshold):
+        reopen = self.state == "half-open" and self._is_probe(probe)
+        if reopen or (self.state == "closed" and self.failures >= self.threshold):
             self._last_cooldown = self._cooldown
-            if self.state == "half-open":
+            if reopen:
                 self._cooldown = min(self.max_cooldown, self._cooldown * 2)
             self.state = "open"
             self.opened += 1
             self._open_until = self.clock.now() + self._cooldown
             self._end_probe()
 
-    def on_other(self) -> None:
-        """A call ended in a way that says nothing about the server's health (cancelled, a 4xx, a bad answer)."""
-        self._end_probe()
+    def on_other(self, probe: int = 0) -> None:
+        """A call ended in a way that says nothing about the server's health (cancelled, a 429, a bad answer);
+        when it was the probe (``probe`` as :meth:`wait` gave it), the next call probes."""
+        if self._is_probe(probe):
+            self._end_probe()
+
+    def _is_probe(self, probe: int) -> bool:
+        return bool(probe) and probe == self._probes and self._probing
 
     def _end_probe(self) -> None:
         if self._probing:

@@ -32,6 +32,8 @@ from .exceptions import ConfigurationError, RequestTooLargeError
 
 __all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket"]
 
+_RECHECK = 5.0  # seconds: the longest a waiting call sleeps before it looks at learned limits again
+
 
 class Clock(Protocol):
     """A source of time in seconds and a way to wait."""
@@ -205,7 +207,8 @@ class RateLimiter:
         async with self._lock:
             while (wait := self.wait_time(tokens)) > 0:
                 self._check_size(tokens)  # a limit learned while this call waited may have shrunk below it
-                await self.clock.sleep(wait)
+                # learned limits change under a waiting call: look again every few seconds (configured ones never do)
+                await self.clock.sleep(min(wait, _RECHECK) if self.learning else wait)
             self._check_size(tokens)
             self._take(tokens)
         return Reservation(tokens)

@@ -87,6 +87,9 @@ class _Pair:
     task: Task[Any]
 
 
+MAX_CONCURRENCY = 10_000  # each call slot has two worker tasks; far past any provider's limits
+
+
 @dataclass
 class _Job:
     out: MemoryObjectSendStream[tuple[int, DocumentResult]]
@@ -155,8 +158,9 @@ class Orchestrator:
     Args:
         backend: where calls go (:class:`~polytask.OpenAIBackend`, the transformers backend, …).
         tasks: the tasks to run on every sentence (names must be unique).
-        max_concurrency: the most calls in flight (default: the backend's ``preferred_concurrency`` if it has one
-            — the local backend's is 2 × its batch size, so finished rows always find a waiting call — else 64).
+        max_concurrency: the most calls in flight, at most 10,000 (default: the backend's ``preferred_concurrency``
+            if it has one — the local backend's is 2 × its batch size, so finished rows always find a waiting call —
+            else 64).
         retry: the retry policy (default :class:`~polytask.RetryPolicy`).
         rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: the backend's, else learned).
         limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
@@ -215,7 +219,7 @@ class Orchestrator:
             max_concurrency = int(getattr(backend, "preferred_concurrency", None) or 64)
         if adaptive_concurrency is None:
             adaptive_concurrency = bool(getattr(backend, "adaptive_concurrency", True))
-        check_count("max_concurrency", max_concurrency, allow_none=False)
+        check_count("max_concurrency", max_concurrency, maximum=MAX_CONCURRENCY, allow_none=False)
         check_count("context_sentences", context_sentences, minimum=0, allow_none=False)
         check_count("max_sentence_chars", max_sentence_chars, allow_none=False)
         check_count("max_pending_documents", max_pending_documents)

@@ -89,10 +89,10 @@ class OpenAIBackend:
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (api_key or os.environ.get("OPENAI_API_KEY") or "").strip() or None
-        if api_key is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in api_key):
+        if api_key is not None and not all(0x20 < ord(c) < 0x7F for c in api_key):
             raise ConfigurationError(  # never the key itself: it is a secret
-                "the API key (api_key= or OPENAI_API_KEY) contains a control character, so it cannot be sent as a "
-                "header; check how it was set"
+                "the API key (api_key= or OPENAI_API_KEY) contains a space, a control character or a non-ASCII "
+                "character (a pasted '…'?), so it cannot be sent as a header; check how it was set"
             )
         if api_key is None:
             if base_url is None:
