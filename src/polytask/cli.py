@@ -344,7 +344,10 @@ def run(
 
 def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
     """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
-    why = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed ({type(error).__name__})"
+    interrupted = isinstance(error, KeyboardInterrupt) or (
+        isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt) is not None
+    )
+    why = "interrupted" if interrupted else f"failed ({type(error).__name__})"
     if writer is not None and writer.written:
         err.print(
             f"[red]{why}:[/] {writer.written} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
@@ -354,7 +357,7 @@ def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseE
     else:
         path.unlink(missing_ok=True)
         err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
-    if isinstance(error, KeyboardInterrupt):
+    if interrupted:
         raise typer.Exit(130) from None
 
 
