@@ -5,7 +5,8 @@ sentences (predicted MISC dropped: the gold has none), with polytask's own promp
 ``Entities`` task) and prompt variants. Sentiment: the label distribution and score spread over the same sample
 (does the model say different things for different sentences?).
 
-Example: ``python benchmarks/local_quality.py --sentences 40 --variants default,fewshot``
+Example: ``python benchmarks/local_quality.py --sentences 40 --variants default,fewshot``; ``--penalties 1,1.3``
+compares repetition penalties side by side (the same model, one after the other in one run).
 """
 
 from __future__ import annotations
@@ -81,10 +82,21 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=40)
     p.add_argument("--variants", default="default,fewshot")
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument(
+        "--penalties", default=None, help="repetition penalties to compare, e.g. 1,1.3 (default: the backend's)"
+    )
     args = p.parse_args()
     backend = TransformersBackend(args.model, max_batch_size=64, cpu_threads=1)
     data = sample(args.sentences)
     sentences = [s for s, _ in data]
+    for penalty in args.penalties.split(",") if args.penalties else [None]:
+        if penalty is not None:
+            backend.repetition_penalty = float(penalty)
+        print(f"# repetition_penalty={backend.repetition_penalty:g}", flush=True)
+        evaluate(backend, args, data, sentences)
+
+
+def evaluate(backend: TransformersBackend, args: argparse.Namespace, data: list, sentences: list[str]) -> None:
     for variant in args.variants.split(","):
         task = Entities(max_tokens=args.max_tokens)
         if variant == "fewshot":
@@ -92,6 +104,8 @@ def main() -> None:
         t = time.perf_counter()
         answers = anyio.run(ask, backend, task, sentences)
         tp = fp = fn = parsed = 0
+        cut = sum(a.finish_reason == "length" for a in answers)
+        tokens = sum(a.completion_tokens for a in answers)
         for a, (_, gold) in zip(answers, data, strict=True):
             try:
                 pred = {(m.text.lower(), m.label) for m in task.parse(a.content).entities if m.label != "MISC"}
@@ -106,7 +120,7 @@ def main() -> None:
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         print(
             f"entities[{variant}]: n={len(data)} parsed={parsed} P={prec:.3f} R={rec:.3f} F1={f1:.3f} "
-            f"gold={tp + fn} predicted={tp + fp} ({time.perf_counter() - t:.0f} s)",
+            f"gold={tp + fn} predicted={tp + fp} cut={cut} tokens={tokens} ({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
     task = Sentiment()

@@ -18,13 +18,19 @@ from polytask.local.engine import Engine, GenRequest, GenResult  # noqa: E402
 from polytask.local.grammar import GrammarCache, unpack_bits  # noqa: E402
 
 
-def greedy(model, tok, prompt: list[int], n: int) -> list[int]:
+def greedy(model, tok, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
     """The reference: n argmax steps over the whole sequence, no cache (``generate(min_new_tokens=n)`` would hide
-    the end-of-sequence token, which an ``ignore_eos`` row may legitimately pick)."""
+    the end-of-sequence token, which an ``ignore_eos`` row may legitimately pick); ``penalty``: the CTRL
+    repetition penalty over the tokens generated so far."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = model(ids).logits[0, -1].float()
+            seen = ids[0, len(prompt) :].unique()
+            if penalty != 1 and len(seen):
+                vals = logits[seen]
+                logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
     return ids[0, len(prompt) :].tolist()
 
 
@@ -258,3 +264,24 @@ def test_accept_tokens_advances_matchers_like_xgrammars_batch_call(tiny) -> None
         masks.append(bitmask)
     assert torch.equal(masks[0], masks[1])
     assert all(m.accept_token(tok.eos_token_id) for m in ours)  # the answer is complete
+
+
+def test_repetition_penalty_per_row_through_refills_growth_and_shrink(tiny) -> None:
+    model, tok = tiny
+    ps = prompts(tok, 8)
+    caps = [20, 3, 4, 3, 18, 2, 3, 16]
+    penalties = [1.0, 1.5, 1.0, 2.0, 1.5, 1.0, 3.0, 1.0]
+    jobs = [
+        ScriptedJob(GenRequest(p, max_new_tokens=c, ignore_eos=True, repetition_penalty=r))
+        for p, c, r in zip(ps, caps, penalties, strict=True)
+    ]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, admit_every=1)
+    source = ScriptedSource(engine, jobs, [0, 0, 1, 1, 2, 6, 6, 7])
+    engine.serve(source, max_rows=4)
+    assert engine.stats["grown"] >= 1 and engine.stats["shrunk"] >= 1 and engine.stats["rows"] == 8
+    for p, c, r, job in zip(ps, caps, penalties, jobs, strict=True):
+        assert isinstance(job.outcome, GenResult)
+        assert job.outcome.token_ids == greedy(model, tok, p, c, penalty=r), r
+    # and the penalty does change answers (a tiny random model repeats itself)
+    runs = zip(ps, caps, penalties, strict=True)
+    assert any(greedy(model, tok, p, c, penalty=r) != greedy(model, tok, p, c) for p, c, r in runs)

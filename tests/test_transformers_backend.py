@@ -100,6 +100,7 @@ def test_finish_reason_length(tiny) -> None:
     model, tok = tiny
     backend = TransformersBackend(model, tokenizer=tok, device="cpu")
     assert backend.max_batch_size == 32 and backend.preferred_concurrency == 64  # the CPU defaults
+    assert backend.repetition_penalty == 1.0  # off for a model the user passes (the embedded one's is 1.1)
     (answer,) = anyio.run(gather, backend, [request("Anna went to Rome.", Entities, max_tokens=3)])
     assert answer.finish_reason == "length"
     assert answer.completion_tokens == 3
@@ -410,3 +411,37 @@ def test_learned_position_models_survive_long_runs() -> None:
         [GenRequest(long, max_new_tokens=4, ignore_eos=True), GenRequest(short, max_new_tokens=150, ignore_eos=True)]
     )
     assert [r.completion_tokens for r in results] == [4, 150]
+
+
+@pytest.mark.parametrize("penalty", [0, -1.0, float("nan"), float("inf")])
+def test_bad_repetition_penalty_names_itself(tiny, penalty) -> None:
+    model, tok = tiny
+    with pytest.raises(ConfigurationError, match="repetition_penalty"):
+        TransformersBackend(model, tokenizer=tok, device="cpu", repetition_penalty=penalty)
+
+
+def test_repetition_penalty_reaches_every_request(tiny) -> None:
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", repetition_penalty=2.0, max_wait=0)
+    seen = []
+    real = backend.engine.serve
+
+    def spy(source, **kwargs):
+        class Spy:
+            def waiting(self):
+                return source.waiting()
+
+            def take(self, n):
+                jobs = source.take(n)
+                seen.extend(j.request.repetition_penalty for j in jobs)
+                return jobs
+
+            def idle(self):
+                return source.idle()
+
+        return real(Spy(), **kwargs)
+
+    backend.engine.serve = spy
+    anyio.run(gather, backend, [request("Anna went to Rome.", Entities, max_tokens=4)] * 2)
+    assert seen == [2.0, 2.0]
+    anyio.run(backend.aclose)

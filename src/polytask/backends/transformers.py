@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .._checks import check_positive
 from ..exceptions import BackendError, BadRequestError, ConfigurationError, PolytaskError
 from .base import ChatRequest, ChatResponse
 
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from ..local.queue import Call
 
 __all__ = ["TransformersBackend"]
+
+
+REPETITION_PENALTY_EMBEDDED = 1.1
+"""The embedded model's default ``repetition_penalty`` (measured in BENCHMARKS.md §5, quality)."""
 
 
 class TransformersBackend:
@@ -56,6 +61,11 @@ class TransformersBackend:
         cpu_threads: torch's intra-op threads on CPU (default: half the cores, at least 1; on a 2-core machine
             1 thread is much steadier than 2 when anything else runs).
         cuda_graphs: capture decode steps as CUDA graphs (default: on CUDA).
+        repetition_penalty: > 1 discourages a token the answer already generated (logit divided by it when
+            positive, multiplied when negative; Keskar et al., 2019, "CTRL" §4.1, transformers' parameter of the
+            same name, but counted over the answer only, so copying from the sentence is free). Default: 1 (off)
+            for a model you pass, REPETITION_PENALTY_EMBEDDED for the embedded model, which otherwise repeats one
+            entity until ``max_tokens``.
 
     Raises:
         ModelNotFoundError: (a :class:`~polytask.exceptions.ConfigurationError`) the model is not on disk; the
@@ -87,6 +97,7 @@ class TransformersBackend:
         max_new_tokens: int = 512,
         cpu_threads: int | None = None,
         cuda_graphs: bool | None = None,
+        repetition_penalty: float | None = None,
     ) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ConfigurationError(f"max_batch_size must be ≥ 1, got {max_batch_size}")
@@ -94,6 +105,7 @@ class TransformersBackend:
             raise ConfigurationError(f"max_wait must be ≥ 0 seconds, got {max_wait}")
         if max_new_tokens < 1:
             raise ConfigurationError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        check_positive("repetition_penalty", repetition_penalty)
         try:
             import torch
 
@@ -107,6 +119,9 @@ class TransformersBackend:
             ) from exc
         self.max_wait = max_wait
         self.max_new_tokens = max_new_tokens
+        if repetition_penalty is None:
+            repetition_penalty = REPETITION_PENALTY_EMBEDDED if model is None else 1.0
+        self.repetition_penalty = float(repetition_penalty)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.max_batch_size = max_batch_size or (256 if device.startswith("cuda") else 32)
@@ -222,7 +237,13 @@ class TransformersBackend:
             except Exception as exc:
                 call.finish(BadRequestError(f"cannot compile schema {r.schema_name!r}: {exc}", status_code=400))
                 continue
-            call.request = GenRequest(prompt_ids=prompt, grammar=grammar, max_new_tokens=cap, temperature=r.temperature)
+            call.request = GenRequest(
+                prompt_ids=prompt,
+                grammar=grammar,
+                max_new_tokens=cap,
+                temperature=r.temperature,
+                repetition_penalty=self.repetition_penalty,
+            )
             ready.append(call)
         return ready
 

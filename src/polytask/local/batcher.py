@@ -55,6 +55,7 @@ class Batcher:
         self.prompt_len = np.zeros(0, dtype=np.int64)
         self.ignore = np.zeros(0, dtype=bool)  # ignore_eos
         self.temps = np.zeros(0, dtype=np.float64)
+        self.penalties = np.ones(0, dtype=np.float64)  # repetition penalties (1 = off)
         self.out = np.zeros((0, 0), dtype=np.int64)  # the tokens so far
         self.host = torch.empty(0, dtype=torch.long)  # where each step's tokens land (pinned on CUDA)
         # per-row device state
@@ -63,6 +64,8 @@ class Batcher:
         self.sampled_t = torch.zeros(0, dtype=torch.bool, device=dev)  # temperature > 0
         self.logits = torch.zeros((0, engine.vocab_size), dtype=torch.float32, device=dev)  # the next token's
         self.bitmask: torch.Tensor | None = None  # (rows, words) int32 grammar masks, host (pinned on CUDA)
+        self.penalty_t = torch.ones((0, 1), dtype=torch.float32, device=dev)
+        self.seen: torch.Tensor | None = None  # (rows, vocab) bool: tokens each answer generated, once penalised
 
     def _resize(self, rows: int, slots: int) -> None:
         """Grow the per-row state to ``rows`` rows (and the token buffer to ``slots`` columns), keeping it."""
@@ -79,6 +82,9 @@ class Batcher:
 
         self.count, self.caps, self.prompt_len = grown(self.count, 0), grown(self.caps, 0), grown(self.prompt_len, 0)
         self.ignore, self.temps = grown(self.ignore, False), grown(self.temps, 0.0)
+        self.penalties, self.penalty_t = grown(self.penalties, 1.0), grown(self.penalty_t, 1.0)
+        if self.seen is not None:
+            self.seen = grown(self.seen, False)
         self.out = grown(self.out, self.e.pad_id, width=slots)
         self.jobs += [None] * grow
         self.matchers += [None] * grow
@@ -153,6 +159,9 @@ class Batcher:
 
         self.count, self.caps, self.prompt_len = pick(self.count, 0), pick(self.caps, 0), pick(self.prompt_len, 0)
         self.ignore, self.temps, self.out = pick(self.ignore, False), pick(self.temps, 0.0), pick(self.out, 0)
+        self.penalties, self.penalty_t = pick(self.penalties, 1.0), pick(self.penalty_t, 1.0)
+        if self.seen is not None:
+            self.seen = pick(self.seen, False)
         self.temps_t, self.sampled_t, self.logits = (
             pick(self.temps_t, 1.0),
             pick(self.sampled_t, False),
@@ -284,6 +293,13 @@ class Batcher:
         temps = np.array([j.request.temperature for j in jobs], dtype=np.float64)
         self.temps_t.index_copy_(0, index, torch.from_numpy(np.where(temps > 0, temps, 1.0)).float().to(dev)[:, None])
         self.sampled_t.index_copy_(0, index, torch.from_numpy(temps > 0).to(dev))
+        penalties = np.array([j.request.repetition_penalty for j in jobs], dtype=np.float64)
+        self.penalties[rows] = penalties
+        self.penalty_t.index_copy_(0, index, torch.from_numpy(penalties).float().to(dev)[:, None])
+        if self.seen is None and (penalties != 1).any():
+            self.seen = torch.zeros((self.rows, e.vocab_size), dtype=torch.bool, device=dev)
+        if self.seen is not None:
+            self.seen.index_fill_(0, index, False)
         constrained = []
         for r, j, length in zip(rows, jobs, lens, strict=True):
             req = j.request
@@ -341,6 +357,9 @@ class Batcher:
         jobs = self.jobs
         busy = np.array([j is not None for j in jobs])
         constrained = [r for r in range(self.rows) if busy[r] and self.matchers[r] is not None]
+        if self.seen is not None and (self.penalties[busy] != 1).any():
+            pen = self.penalty_t
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
         if constrained:
             assert self.bitmask is not None
             e.apply_bitmask(logits, self.bitmask.to(dev, non_blocking=True), constrained)
@@ -353,6 +372,8 @@ class Batcher:
         else:
             tokens = logits.argmax(-1)
         bucket.ids.copy_(tokens[:, None])
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
         self.host.copy_(tokens, non_blocking=True)
         if self.event is not None:
             self.event.record()

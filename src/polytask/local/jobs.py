@@ -19,6 +19,9 @@ class GenRequest:
         grammar: an ``xgrammar.CompiledGrammar`` the answer must match, or None for free text.
         max_new_tokens: the most tokens to generate (≥ 1).
         temperature: 0 for greedy, else the sampling temperature.
+        repetition_penalty: > 1 discourages tokens this answer already generated (1 = off): their logits are
+            divided by it when positive, multiplied when negative (Keskar et al., 2019, "CTRL", §4.1; as
+            transformers' ``repetition_penalty``, but over the answer only, so copying from the prompt is free).
         ignore_eos: keep generating through stop tokens until ``max_new_tokens`` (benchmarks only).
     """
 
@@ -26,6 +29,7 @@ class GenRequest:
     grammar: Any = None
     max_new_tokens: int = 256
     temperature: float = 0.0
+    repetition_penalty: float = 1.0
     ignore_eos: bool = False
 
 
