@@ -98,7 +98,8 @@ class _Input:
         if not isinstance(data, dict):
             return invalid("not a JSON object")
         try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
+            if "\\u" in line:  # only a \uXXXX escape can decode to a lone surrogate
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
             return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not text")
         reserved = sorted(k for k in data if k.startswith(_RESERVED))

@@ -223,17 +223,17 @@ class Orchestrator:
         check_count("context_sentences", context_sentences, minimum=0, allow_none=False)
         check_count("max_sentence_chars", max_sentence_chars, allow_none=False)
         check_count("max_pending_documents", max_pending_documents)
-        check_positive("rpm", rpm)
-        check_positive("tpm", tpm)
         self.backend = backend
         self.tasks = tasks
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.clock: Clock = clock or (limiter.clock if limiter else MonotonicClock())
+        where_rpm = "rpm" if rpm is not None else f"{type(backend).__name__}.rpm"
+        where_tpm = "tpm" if tpm is not None else f"{type(backend).__name__}.tpm"
         rpm = rpm if rpm is not None else getattr(backend, "rpm", None)
         tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
-        check_positive(f"{type(backend).__name__}.rpm", rpm)
-        check_positive(f"{type(backend).__name__}.tpm", tpm)
+        check_positive(where_rpm, rpm)  # checked once, named where it came from
+        check_positive(where_tpm, tpm)
         if limiter is None and (rpm is not None or tpm is not None or learn_limits):
             limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits)
         self.limiter = limiter
