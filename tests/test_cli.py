@@ -274,3 +274,15 @@ def test_input_read_from_a_pipe(tmp_path):
     result = run_cli(fifo, "-o", out, "--simulate", "-t", "sentiment")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+
+def test_output_dash_writes_the_lines_to_stdout_and_nothing_else(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "text": "One. Two."}\nnot json\n{"id": "b", "text": "Three."}\n')
+    result = run_cli(source, "-o", "-", "--simulate", "-t", "sentiment")
+    assert result.exit_code == 1  # the invalid line
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in lines] == [1, 2, 3] and [r["id"] for r in lines] == ["a", None, "b"]
+    assert lines[0]["results"]["sentiment"]["coverage"] == 1.0 and "error" in lines[1]
+    assert "documents written" in result.stderr
+    assert not list(Path.cwd().glob(".-.*.partial")) and not Path("-").exists()

@@ -524,6 +524,37 @@ async def test_rejected_api_key_stops_the_run_and_keeps_work():
     assert set(errors_of(got)) <= {"AuthenticationError", "RunStopped"}
 
 
+@pytest.mark.parametrize("where", ["backoff", "in_flight"])
+async def test_a_stop_ends_calls_waiting_out_a_backoff_or_in_flight_at_once(where):
+    # one call waits out a 503's 60 s Retry-After (or hangs on the server) when another gets a 401: the run ends
+    # at once, that call's pair RunStopped with its attempt counted, and no further attempt is sent
+    failed_once = anyio.Event()
+    calls = []
+
+    async def fn(request):
+        text = request.messages[-1]["content"]
+        calls.append(text)
+        if "Slow" in text:
+            failed_once.set()
+            if where == "backoff":
+                raise pt.ServerError("overloaded", status_code=503, retry_after=60)
+            await anyio.sleep(60)
+        await failed_once.wait()
+        raise pt.AuthenticationError("invalid api key", status_code=401)
+
+    got = []
+    with anyio.fail_after(10):  # a guard only: the fixed code ends in milliseconds, the old one after 60 s
+        backend = pt.FunctionBackend(fn)
+        async with pt.Orchestrator(backend, [pt.Sentiment()], max_concurrency=2, learn_limits=False) as orch:
+            with pytest.raises(pt.AuthenticationError):
+                async for r in orch.stream([("slow", "Slow one."), ("bad", "Bad one.")]):
+                    got.append(r)
+    slow = next(r for r in got if r.id == "slow")
+    assert slow.pairs[0].error.type == "RunStopped" and slow.pairs[0].attempts == 1
+    assert "AuthenticationError" in slow.pairs[0].error.message
+    assert sum("Slow" in c for c in calls) == 1  # not retried after the stop
+
+
 async def test_an_error_in_the_async_with_block_comes_out_as_itself():
     with pytest.raises(ValueError, match="mine"):
         async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()]) as orch:

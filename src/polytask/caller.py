@@ -109,8 +109,15 @@ class Caller:
             self._budgets[task.name] = CompletionBudget(task.max_tokens)
         return self._budgets[task.name]
 
-    async def ask(self, task: Task[Any], messages: list[Message], usage: Usage, label: str) -> Answer:
-        """A validated answer to ``messages`` for ``task``.
+    async def ask(
+        self,
+        task: Task[Any],
+        messages: list[Message],
+        usage: Usage,
+        label: str,
+        on_attempt: Callable[[], None] | None = None,
+    ) -> Answer:
+        """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent.
 
         Raises:
             AskError: wrapping the polytask error the question ended with, and the attempts made.
@@ -121,6 +128,8 @@ class Caller:
         def count() -> None:
             nonlocal attempts
             attempts += 1
+            if on_attempt is not None:
+                on_attempt()
 
         try:
             response = await self._call(task, messages, usage, count, label)

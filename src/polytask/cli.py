@@ -3,7 +3,7 @@
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
 (insufficient quota, a rejected API key) or could not start; 130 when interrupted (the documents finished by then
-are kept in the partial file it names).
+are kept in the partial file it names, or were already printed with ``-o -``).
 """
 
 from __future__ import annotations
@@ -255,7 +255,10 @@ def run(
     input: Annotated[
         Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSON Lines output, one line per input document.")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="JSON Lines output, one line per input document; - for standard output."),
+    ],
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
     backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
     model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
@@ -301,12 +304,14 @@ def run(
         tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
     except PolytaskError as error:
         _fail(str(error))
-    if output.exists() and output.resolve() == input.resolve():
-        _fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
-    if output.is_dir():
-        _fail(f"the output {output} is a folder: name a file")
-    if not output.parent.is_dir():
-        _fail(f"the output folder {output.parent} does not exist")
+    to_stdout = str(output) == "-"
+    if not to_stdout:
+        if output.exists() and output.resolve() == input.resolve():
+            _fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
+        if output.is_dir():
+            _fail(f"the output {output} is a folder: name a file")
+        if not output.parent.is_dir():
+            _fail(f"the output folder {output.parent} does not exist")
     if simulate_oracle is not None and not simulate_oracle.is_file():
         _fail(f"the simulator's gold file {simulate_oracle} does not exist")
     stack = contextlib.ExitStack()
@@ -328,13 +333,21 @@ def run(
         except PolytaskError as error:
             _fail(str(error))
         source = _Input(input, text_field, id_field)
+        show = progress and sys.stderr.isatty()
+        if to_stdout:  # each line as soon as it is in order; an interrupted run keeps what was printed
+            try:
+                code = anyio.run(_run, orch, source, _Writer(sys.stdout), show, allow_partial)
+            except BaseException as error:
+                if _interrupted(error):
+                    raise typer.Exit(130) from None
+                raise
+            raise typer.Exit(code)
         # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that does not finish
         partial_path = output.with_name(f".{output.name}.{os.getpid()}.partial")
         writer: _Writer | None = None
         try:
             with partial_path.open("w", encoding="utf-8") as out:
                 writer = _Writer(out)
-                show = progress and sys.stderr.isatty()
                 code = anyio.run(_run, orch, source, writer, show, allow_partial)
         except BaseException as error:
             _keep_partial(partial_path, writer, output, error)
@@ -343,11 +356,15 @@ def run(
     raise typer.Exit(code)
 
 
-def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
-    """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
-    interrupted = isinstance(error, KeyboardInterrupt) or (
+def _interrupted(error: BaseException) -> bool:
+    return isinstance(error, KeyboardInterrupt) or (
         isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt) is not None
     )
+
+
+def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
+    """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
+    interrupted = _interrupted(error)
     why = "interrupted" if interrupted else f"failed ({type(error).__name__})"
     if writer is not None and writer.written:
         err.print(

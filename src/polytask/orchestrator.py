@@ -9,8 +9,9 @@ One run ("job") is a producer and ``max_concurrency`` workers in an anyio task g
   validated answer or a typed error;
 - the worker that completes a document's last pair merges it and emits it.
 
-A 429 ``insufficient_quota`` stops the run: queued pairs are marked ``RunStopped``, every document already taken in
-is emitted (partial), and then the error is raised. Nothing that was done is lost.
+A 429 ``insufficient_quota`` or a 401 stops the run: queued pairs, and calls still waiting (a retry's backoff, the
+rate limiter) or in flight, end ``RunStopped`` at once; every document already taken in is emitted (partial), and
+then the error is raised. Nothing that was done is lost.
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ class _Job:
     fatal: BaseException | None = None
     input_error: Exception | None = None  # a bad document, or what reading / segmenting the input raised
     stop_reading: bool = False
+    calls: set[anyio.CancelScope] = field(default_factory=set)  # the pairs' calls still running
+
+    def stop(self, error: BaseException) -> None:
+        """No later call could succeed (``error``): read no more, and end every call still waiting or in flight
+        (in a retry's backoff, on the rate limiter, on the server); their pairs end ``RunStopped``."""
+        self.fatal = self.fatal or error
+        self.stop_reading = True
+        for scope in self.calls:
+            scope.cancel()
 
 
 def _coerce(item: Any, position: int) -> Document:
@@ -298,8 +308,8 @@ class Orchestrator:
 
         Raises:
             QuotaExceededError, AuthenticationError: no later call could succeed (``insufficient_quota``, a 401), so
-                the run stops: raised after yielding every document taken in (their unsent pairs marked
-                ``RunStopped``).
+                the run stops: raised after yielding every document taken in (their unfinished pairs end
+                ``RunStopped`` at once, also those waiting out a retry's backoff).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.
@@ -442,14 +452,27 @@ class Orchestrator:
         before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
         after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
         messages = build_messages(task, sentence.text, context_before=before, context_after=after)
+        attempts = 0
+
+        def count() -> None:
+            nonlocal attempts
+            attempts += 1
+
         try:
-            answer = await self.caller.ask(task, messages, state.usage, state.document.id)
+            with anyio.CancelScope() as scope:
+                job.calls.add(scope)
+                try:
+                    answer = await self.caller.ask(task, messages, state.usage, state.document.id, on_attempt=count)
+                finally:
+                    job.calls.discard(scope)
+            if scope.cancelled_caught:  # the run stopped while this call was waiting or in flight
+                stopped = RunStopped(f"not completed: the run stopped ({type(job.fatal).__name__})")
+                return self._failed(pair, stopped, attempts)
             value = task.postprocess(state.document.text, sentence, answer.value)
         except AskError as failure:
             error = failure.error
             if isinstance(error, QuotaExceededError | AuthenticationError):  # no later call could succeed either
-                job.fatal = job.fatal or error
-                job.stop_reading = True
+                job.stop(error)
             elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
             return self._failed(pair, error, failure.attempts, failure.reasked)
