@@ -127,6 +127,25 @@ async def test_breaker_opens_waits_probes_and_closes():
     assert breaker.state == "closed" and await breaker.wait() == 0
 
 
+async def test_breaker_says_when_it_opens_and_closes(caplog):
+    caplog.set_level("WARNING", logger="polytask")
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, cooldown=2.0, clock=clock)
+    for _ in range(2):
+        breaker.on_failure(pt.APIConnectionError("connection refused"))
+    probe = await breaker.wait()
+    breaker.on_failure(pt.APIConnectionError("connection refused"), probe)
+    probe = await breaker.wait()
+    breaker.on_success()
+    breaker.on_success()  # already closed: nothing more to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "circuit open: the server failed 2 calls in a row; calls wait 2 s, then one probe "
+        "(last: APIConnectionError: connection refused)",
+        "circuit open: the probe failed; calls wait 4 s, then one probe (last: APIConnectionError: connection refused)",
+        "circuit closed: the server answers again",
+    ]
+
+
 async def test_breaker_probe_that_says_nothing_lets_the_next_one_probe():
     clock = FakeClock()
     breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=clock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,20 @@ from .tasks import Classify, Entities, Sentiment, Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
 err = Console(stderr=True)
+
+class _ConsoleLog(logging.Handler):
+    """polytask's warnings (a circuit opening, a task's own code failing) on stderr, above the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        colour = "red" if record.levelno >= logging.ERROR else "yellow"
+        err.print(f"[{colour}]{record.levelname.lower()}:[/] {escape(record.getMessage())}", soft_wrap=True)
+
+
+def _show_warnings() -> None:
+    log = logging.getLogger("polytask")
+    if not any(isinstance(h, _ConsoleLog) for h in log.handlers):
+        log.addHandler(_ConsoleLog(logging.WARNING))  # (Python's last-resort handler then stays quiet)
+
 
 TASK_HELP = (
     "sentiment | entities | classify=LABEL1,LABEL2[,…] | classify-multi=LABEL1,LABEL2[,…] "
@@ -314,6 +329,7 @@ def run(
             _fail(f"the output folder {output.parent} does not exist")
     if simulate_oracle is not None and not simulate_oracle.is_file():
         _fail(f"the simulator's gold file {simulate_oracle} does not exist")
+    _show_warnings()
     stack = contextlib.ExitStack()
     with stack:
         if simulate or simulate_oracle is not None or simulate_faults or simulate_latency:

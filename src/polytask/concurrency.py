@@ -13,6 +13,7 @@ cooldown instead of a storm of retries, and a recovered one is noticed at once.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 
@@ -22,6 +23,8 @@ from .exceptions import CircuitOpenError
 from .limits import Clock, MonotonicClock
 
 __all__ = ["AdaptiveConcurrency", "CircuitBreaker"]
+
+logger = logging.getLogger("polytask")
 
 
 class AdaptiveConcurrency:
@@ -184,6 +187,8 @@ class CircuitBreaker:
 
     def on_success(self) -> None:
         """A call succeeded (any call: the server answers): close the circuit."""
+        if self.state != "closed":
+            logger.warning("circuit closed: the server answers again")
         self.failures = 0
         self._cooldown = self.base_cooldown
         self.state = "closed"
@@ -205,6 +210,12 @@ class CircuitBreaker:
             self.opened += 1
             self._open_until = self.clock.now() + self._cooldown
             self._end_probe()
+            logger.warning(  # the one sign a dead or misconfigured server gives before calls start failing
+                "circuit open: %s; calls wait %g s, then one probe (last: %s)",
+                "the probe failed" if reopen else f"the server failed {self.failures} calls in a row",
+                self._cooldown,
+                self._last_error,
+            )
 
     def on_other(self, probe: int = 0) -> None:
         """A call ended in a way that says nothing about the server's health (cancelled, a 429, a bad answer);
