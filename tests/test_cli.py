@@ -65,10 +65,13 @@ def test_text_and_id_fields_and_classify(tmp_path):
         "key",
         "-t",
         "classify=billing,delivery",
+        "-t",
+        "classify-multi=urgent,polite",
     )
     assert result.exit_code == 0, result.output
     line = json.loads(out.read_text())
     assert line["id"] == "x1" and set(line["results"]["classify"]["shares"]) == {"billing", "delivery"}
+    assert set(line["results"]["classify-multi"]["shares"]) == {"urgent", "polite"}
 
 
 def test_failed_documents_give_a_nonzero_exit(tmp_path, monkeypatch):
@@ -183,7 +186,7 @@ def test_awkward_input_lines_each_get_a_clear_error_and_keep_the_rest(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-t", "classify=a,a"], "two distinct"),
+        (["-t", "classify=a,a"], "differ only in"),
         (["-t", "sentiment", "-t", "sentiment"], "unique"),
         (["--simulate-oracle", "/nonexistent/gold.jsonl"], "does not exist"),
         (["--timeout", "inf"], "finite"),

@@ -266,6 +266,17 @@ def test_accept_tokens_advances_matchers_like_xgrammars_batch_call(tiny) -> None
     assert all(m.accept_token(tok.eos_token_id) for m in ours)  # the answer is complete
 
 
+def test_a_length_bounded_string_keeps_to_json_string_rules(tiny) -> None:
+    # xgrammar alone lets a raw control character into a maxLength string and refuses escapes: invalid JSON
+    _, tok = tiny
+    cache = GrammarCache(tok, len(tok), [tok.eos_token_id])
+    schema = {"type": "object", "properties": {"tag": {"type": "string", "maxLength": 5}}, "required": ["tag"]}
+    compiled = cache.get(schema)
+    assert not cache.matcher(compiled).accept_string('{"tag":"a\x05')
+    assert cache.matcher(compiled).accept_string('{"tag":"a\\"b"}')
+    assert schema["properties"]["tag"]["maxLength"] == 5  # the caller's schema is left as it was
+
+
 def test_repetition_penalty_per_row_through_refills_growth_and_shrink(tiny) -> None:
     model, tok = tiny
     ps = prompts(tok, 8)

@@ -1,5 +1,6 @@
 """The OpenAI backend through an injected httpx2 transport: every status and body translated to polytask errors."""
 
+import dataclasses
 import json
 
 import httpx2
@@ -181,14 +182,37 @@ async def test_falls_back_to_json_object_then_prompt_only(backend_for):
     await backend.complete(REQUEST)
     await backend.complete(REQUEST)
     assert formats == ["json_schema", "json_object", None, None]
-    assert backend.mode == "none"
+    assert backend.modes == {REQUEST.schema_name: "none"}
+
+
+async def test_one_rejected_schema_falls_back_alone(backend_for, caplog):
+    # OpenAI's 400 for a schema strict mode cannot take: only that task leaves strict structured outputs
+    sent = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        fmt = body.get("response_format", {})
+        sent.append((fmt.get("json_schema", {}).get("name"), fmt.get("type")))
+        if fmt.get("json_schema", {}).get("name") == "counts":
+            message = "Invalid schema for response_format 'counts': 'additionalProperties' is required to be false"
+            return httpx2.Response(400, json=error_body(message))
+        return httpx2.Response(200, json=completion())
+
+    backend = backend_for(handler)
+    await backend.complete(dataclasses.replace(REQUEST, schema_name="counts"))
+    await backend.complete(REQUEST)
+    await backend.complete(dataclasses.replace(REQUEST, schema_name="counts"))
+    name = REQUEST.schema_name
+    assert sent == [("counts", "json_schema"), (None, "json_object"), (name, "json_schema"), (None, "json_object")]
+    assert backend.modes == {"counts": "json_object"}
+    assert ["'counts'" in r.getMessage() and "JSON mode" in r.getMessage() for r in caplog.records] == [True]
 
 
 async def test_unrelated_400_does_not_fall_back(backend_for):
     backend = backend_for(lambda r: httpx2.Response(400, json=error_body("context length exceeded")))
     with pytest.raises(pt.BadRequestError):
         await backend.complete(REQUEST)
-    assert backend.mode == "json_schema"
+    assert backend.mode == "json_schema" and backend.modes == {}
 
 
 def test_missing_api_key_is_a_clear_error(monkeypatch):
@@ -239,3 +263,22 @@ def test_api_key_surrounding_whitespace_is_dropped(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "  sk-test-key-123456\n")
     backend = pt.OpenAIBackend("m")
     assert backend._secret == "sk-test-key-123456"
+
+
+@pytest.mark.parametrize("mode", ["aiohttp", "httpx2", "sdk"])
+async def test_a_closed_backend_opens_new_connections_when_used_again(simulator, mode):
+    # an Orchestrator closes its backend at the end of `async with`; the README then reuses it in run_sync
+    sim = simulator()
+    backend = pt.OpenAIBackend("m", base_url=sim.base_url, api_key=SECRET, http=mode)
+    for _ in range(2):
+        assert (await backend.complete(REQUEST)).content
+        await backend.aclose()
+    assert sim.stats.received == 2
+
+
+async def test_a_closed_client_of_yours_is_a_typed_error(backend_for):
+    backend = backend_for(lambda r: httpx2.Response(200, json=completion()))
+    await backend.complete(REQUEST)
+    await backend.aclose()
+    with pytest.raises(pt.BackendClosedError, match="http_client given to the backend is closed"):
+        await backend.complete(REQUEST)

@@ -226,7 +226,7 @@ async def test_json_schema_unsupported_server_falls_back(simulator):
     sim = simulator(supports_json_schema=False)
     async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
         result = await orch.process("Works anyway.")
-    assert not result.partial and orch.backend.mode == "json_object"
+    assert not result.partial and orch.backend.modes == {"sentiment": "json_object"}
 
 
 async def test_client_limiter_keeps_under_server_rpm_without_429s(simulator):
@@ -553,6 +553,23 @@ async def test_a_stop_ends_calls_waiting_out_a_backoff_or_in_flight_at_once(wher
     assert slow.pairs[0].error.type == "RunStopped" and slow.pairs[0].attempts == 1
     assert "AuthenticationError" in slow.pairs[0].error.message
     assert sum("Slow" in c for c in calls) == 1  # not retried after the stop
+
+
+async def test_a_closed_backend_stops_the_run_instead_of_failing_every_pair():
+    calls = []
+
+    def fn(request):
+        calls.append(request)
+        raise pt.BackendClosedError("the backend is closed")
+
+    got = []
+    backend = pt.FunctionBackend(fn)
+    async with pt.Orchestrator(backend, [pt.Sentiment()], max_concurrency=2, learn_limits=False) as orch:
+        with pytest.raises(pt.BackendClosedError):
+            async for r in orch.stream([f"Doc {i}. Two sentences." for i in range(50)]):
+                got.append(r)
+    assert got and len(got) < 50 and len(calls) <= 4
+    assert set(errors_of(got)) <= {"BackendClosedError", "RunStopped"}
 
 
 async def test_an_error_in_the_async_with_block_comes_out_as_itself():

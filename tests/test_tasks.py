@@ -31,6 +31,21 @@ def test_align_prefers_occurrence_outside_longer_mention():
     assert [(a.start, a.end) for a in spans] == [(0, 19), (36, 47)]
 
 
+@pytest.mark.parametrize(
+    ("sentence", "mention", "span"),
+    [
+        ("The Alamo tour was led by Al.", "Al", (26, 28)),
+        ("USB sticks are sold in the US.", "US", (27, 29)),
+        ("Annual report: Ann wrote it.", "ann", (15, 18)),  # the normalized path too
+        ("Alamo only.", "Al", (0, 2)),  # no occurrence on word boundaries: the first one still
+        ("我在中国银行工作，中国很大。", "中国", (2, 4)),  # no word boundaries in Chinese
+    ],
+)
+def test_align_prefers_an_occurrence_on_word_boundaries(sentence, mention, span):
+    (got,) = align_mentions(sentence, [mention])
+    assert (got.start, got.end) == span
+
+
 def test_entities_postprocess_and_merge_offsets():
     text = "Ann lives in Rome. Ann works at IBM in Rome."
     sents = sentences_of(text, [(0, 18), (19, 44)])
@@ -134,10 +149,31 @@ def test_classify_single_and_multi():
     assert merged.shares == {"billing": 0.5, "delivery": 0.5} and merged.top == ["billing", "delivery"]
 
 
-@pytest.mark.parametrize("labels", [["one"], ["a", "a"], ["a", ""]])
-def test_classify_rejects_bad_labels(labels):
-    with pytest.raises(ConfigurationError):
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        (["one"], "at least two labels"),
+        (["a", "a"], "differ only in"),
+        (["a", ""], "non-blank strings"),
+        ([" ", "  "], "non-blank strings"),
+        (["Billing", "billing "], "differ only in"),
+        (["café", "cafe\u0301"], "differ only in"),  # NFC and NFD of the same word
+        ("ab", "a list of labels"),
+        ([["a"], "b"], "non-blank strings"),
+    ],
+)
+def test_classify_rejects_bad_labels(labels, words):
+    with pytest.raises(ConfigurationError, match=words):
         Classify(labels)
+
+
+def test_classify_budget_fits_long_labels_and_lists_them_unambiguously():
+    long = "a customer asking about a refund for an order that never arrived " * 2
+    task = Classify([long.strip(), "billing, refunds", "other"])
+    assert task.max_tokens >= len(long)  # one token per byte at most: never cut off
+    assert 'Labels: ["' in task.instruction and '"billing, refunds"' in task.instruction
+    assert Classify([str(i) for i in range(1000)]).max_tokens < 40  # one label's answer, not a thousand
+    assert Classify(["a", "b"], max_tokens=7).max_tokens == 7
 
 
 def test_strict_schema_for_user_model():
@@ -159,7 +195,70 @@ def test_strict_schema_for_user_model():
     assert task.parse('{"items": [{"name": "tea", "qty": 2}], "note": null}').items[0].qty == 2
 
 
-@pytest.mark.parametrize("name", ["", "has space", "x" * 65])
+def test_strict_schema_keeps_a_field_named_default_and_mapping_values():
+    class Setting(BaseModel):
+        name: str
+        default: str = "x"
+        counts: dict[str, int] = {}
+
+    schema = strict_json_schema(Setting)
+    assert list(schema["properties"]) == ["name", "default", "counts"] == schema["required"]
+    assert "default" not in schema["properties"]["default"]  # the keyword goes, the field stays
+    assert schema["properties"]["counts"]["additionalProperties"] == {"type": "integer"}
+
+
+def test_aliases_are_what_the_schema_asks_and_the_examples_show():
+    from pydantic import Field
+
+    from polytask.prompts import build_messages
+
+    class Person(BaseModel):
+        full_name: str = Field(alias="fullName")
+
+    task = Task("person", Person, "Who is named?", examples=[("Ada wrote it.", Person(fullName="Ada"))])
+    assert list(task.json_schema()["properties"]) == ["fullName"]
+    shown = [m["content"] for m in build_messages(task, "Bob.") if m["role"] == "assistant"]
+    assert shown == ['{"fullName":"Ada"}'] and task.parse(shown[0]).full_name == "Ada"
+
+
+class _Products(BaseModel):
+    names: list[str]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"examples": [("I love my Kindle.", {"nmes": ["Kindle"]})]}, "example 0: the answer does not match"),
+        ({"examples": [("only a sentence",)]}, "example 0 must be a (sentence, answer) pair"),
+        ({"instruction": None}, "instruction must be a non-empty string"),
+        ({"answer": list[str]}, "answer must be a pydantic BaseModel class"),
+        ({"max_tokens": 0}, "max_tokens must be an integer"),
+        ({"merge": "sum"}, "merge must be callable"),
+    ],
+)
+def test_a_task_that_cannot_work_fails_when_built(kwargs, words):
+    args = {"answer": _Products, "instruction": "List the products.", **kwargs}
+    with pytest.raises(ConfigurationError, match=r"task 'products'") as info:
+        Task("products", args.pop("answer"), args.pop("instruction"), **args)
+    assert words in str(info.value)
+
+
+def test_an_answer_model_without_a_json_schema_fails_when_built():
+    from collections.abc import Callable
+
+    class Hook(BaseModel):
+        fn: Callable[[], None]
+
+    with pytest.raises(ConfigurationError, match="no JSON schema for Hook"):
+        Task("hook", Hook, "x")
+
+
+def test_a_dict_example_is_checked_and_kept_as_the_model():
+    task = Task("products", _Products, "List them.", examples=[("I love my Kindle.", {"names": ["Kindle"]})])
+    assert task.examples == (("I love my Kindle.", _Products(names=["Kindle"])),)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "x" * 65, "products\n"])
 def test_task_name_validated(name):
     with pytest.raises(ConfigurationError):
         Task(name, SentimentAnswer, "x")

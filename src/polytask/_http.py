@@ -19,7 +19,7 @@ from typing import Protocol
 import aiohttp
 import httpx2
 
-from .exceptions import APIConnectionError, APITimeoutError
+from .exceptions import APIConnectionError, APITimeoutError, BackendClosedError
 
 __all__ = ["AiohttpClient", "HTTPClient", "Httpx2Client"]
 
@@ -85,8 +85,25 @@ class Httpx2Client:
     """Posts through an ``httpx2.AsyncClient`` (yours, or a new pooled one)."""
 
     def __init__(self, client: httpx2.AsyncClient | None = None, max_connections: int = 512) -> None:
-        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.client = client or httpx2.AsyncClient(limits=limits)
+        self.max_connections = max_connections
+        self.owned = client is None  # a client of its own is made anew after aclose(); yours is not
+        self.client = client or self._new()
+
+    def _new(self) -> httpx2.AsyncClient:
+        n = self.max_connections
+        return httpx2.AsyncClient(limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
+
+    def reopen(self) -> httpx2.AsyncClient:
+        """The client, made anew if it was its own and closed.
+
+        Raises:
+            BackendClosedError: the client passed in was closed.
+        """
+        if self.client.is_closed:
+            if not self.owned:
+                raise BackendClosedError("the http_client given to the backend is closed")
+            self.client = self._new()
+        return self.client
 
     async def post(
         self,
@@ -95,8 +112,9 @@ class Httpx2Client:
         body: bytes,
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes]:
+        client = self.reopen()
         try:
-            response = await self.client.post(url, content=body, headers=dict(headers), timeout=timeout)
+            response = await client.post(url, content=body, headers=dict(headers), timeout=timeout)
         except httpx2.TimeoutException:
             raise APITimeoutError(f"no response within {timeout:g} s") from None
         except (httpx2.TransportError, OSError) as error:

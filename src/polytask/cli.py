@@ -36,6 +36,7 @@ from .tasks import Classify, Entities, Sentiment, Task
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
 err = Console(stderr=True)
 
+
 class _ConsoleLog(logging.Handler):
     """polytask's warnings (a circuit opening, a task's own code failing) on stderr, above the progress bar."""
 
@@ -52,7 +53,7 @@ def _show_warnings() -> None:
 
 TASK_HELP = (
     "sentiment | entities | classify=LABEL1,LABEL2[,…] | classify-multi=LABEL1,LABEL2[,…] "
-    "(repeatable; default: sentiment and entities)"
+    "(repeatable; default: sentiment and entities; results are keyed by these names)"
 )
 
 
@@ -65,7 +66,8 @@ def parse_task(spec: str) -> Task[Any]:
     if name == "entities" and not arg:
         return Entities()
     if name in ("classify", "classify-multi") and arg:
-        return Classify([x.strip() for x in arg.split(",") if x.strip()], multi_label=name == "classify-multi")
+        labels = [x.strip() for x in arg.split(",") if x.strip()]
+        return Classify(labels, multi_label=name == "classify-multi", name=name)  # both can run at once
     raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
 
 

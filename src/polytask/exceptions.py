@@ -7,8 +7,10 @@ most specific first, so callers never catch a third-party exception type::
     ├── ConfigurationError          bad settings (a negative RPM, an unknown task name, …)
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
-    ├── RunStopped                  a pair never sent because the run stopped (insufficient quota)
+    ├── RunStopped                  a pair not done because the run stopped (quota, a rejected key, …)
     ├── BackendError                the call did not produce an answer
+    │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
+    │   ├── CircuitOpenError        held by the open circuit breaker; a probe failed (retried)
     │   ├── APIConnectionError      the connection failed or was reset            (retried)
     │   │   └── APITimeoutError     no answer within the timeout                   (retried)
     │   ├── APIStatusError          the server answered 4xx / 5xx; ``status_code``
@@ -38,6 +40,7 @@ __all__ = [
     "AnswerError",
     "AnswerValidationError",
     "AuthenticationError",
+    "BackendClosedError",
     "BackendError",
     "BadRequestError",
     "CircuitOpenError",
@@ -108,6 +111,11 @@ class RunStopped(PolytaskError):
 
 class BackendError(PolytaskError):
     """The backend did not produce an answer."""
+
+
+class BackendClosedError(BackendError):
+    """The backend was closed (its ``aclose()``, which an :class:`~polytask.Orchestrator` calls when its
+    ``async with`` block ends unless ``close_backend=False``): no later call can succeed, so the run stops."""
 
 
 class APIConnectionError(BackendError):

@@ -34,6 +34,7 @@ from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence
 from .estimates import PromptEstimator, cached_tiktoken_counter
 from .exceptions import (
     AuthenticationError,
+    BackendClosedError,
     ConfigurationError,
     InputError,
     PolytaskError,
@@ -307,9 +308,10 @@ class Orchestrator:
             :class:`DocumentResult`, one per input document.
 
         Raises:
-            QuotaExceededError, AuthenticationError: no later call could succeed (``insufficient_quota``, a 401), so
-                the run stops: raised after yielding every document taken in (their unfinished pairs end
-                ``RunStopped`` at once, also those waiting out a retry's backoff).
+            QuotaExceededError, AuthenticationError, BackendClosedError: no later call could succeed
+                (``insufficient_quota``, a 401, a closed backend), so the run stops: raised after yielding every
+                document taken in (their unfinished pairs end ``RunStopped`` at once, also those waiting out a
+                retry's backoff).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.
@@ -451,7 +453,11 @@ class Orchestrator:
         n = self.context_sentences
         before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
         after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
-        messages = build_messages(task, sentence.text, context_before=before, context_after=after)
+        try:
+            messages = build_messages(task, sentence.text, context_before=before, context_after=after)
+        except Exception as broken:  # a user's task subclass building its prompt: the pair fails, not the run
+            logger.warning("task %s failed on document %s: %r", task.name, state.document.id, broken)
+            return self._failed(pair, broken, 0)
         attempts = 0
 
         def count() -> None:
@@ -471,7 +477,7 @@ class Orchestrator:
             value = task.postprocess(state.document.text, sentence, answer.value)
         except AskError as failure:
             error = failure.error
-            if isinstance(error, QuotaExceededError | AuthenticationError):  # no later call could succeed either
+            if isinstance(error, QuotaExceededError | AuthenticationError | BackendClosedError):  # nor could others
                 job.stop(error)
             elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)

@@ -58,7 +58,7 @@ class FunctionBackend:
         if isinstance(result, ChatResponse):
             return result
         if isinstance(result, BaseModel):
-            content = result.model_dump_json()
+            content = result.model_dump_json(by_alias=True)
         elif isinstance(result, dict):
             content = json.dumps(result)
         else:

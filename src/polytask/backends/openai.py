@@ -9,6 +9,7 @@ call, which caps a client near 200 calls/s (BENCHMARKS.md). ``http="sdk"`` sends
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from ..exceptions import ConfigurationError
 from ..headers import parse_rate_limit_headers, parse_retry_after
 from ..prompts import add_schema_to_system
 from .base import ChatRequest, ChatResponse
+
+logger = logging.getLogger("polytask")
 
 __all__ = ["OpenAIBackend"]
 
@@ -52,8 +55,10 @@ class OpenAIBackend:
         tpm: tokens-per-minute limit to keep under, or None (likewise).
         timeout: seconds allowed for one HTTP call before it counts as a timeout (default 60).
         structured_outputs: ``"json_schema"`` (strict structured outputs; default), ``"json_object"`` (JSON mode,
-            schema in the prompt) or ``"none"`` (schema in the prompt). When the server rejects the mode with a
-            400 that names ``response_format``, the backend falls back to the next mode for the rest of the run.
+            schema in the prompt) or ``"none"`` (schema in the prompt). When the server rejects a task's schema or
+            the mode with a 400 that names ``response_format``, that task (its schema name) falls back to the next
+            mode for the rest of the run, with a warning; the other tasks keep theirs (``modes`` holds the
+            fallbacks).
         max_tokens_param: the request field for the completion cap: ``"max_completion_tokens"`` (OpenAI's current
             name) or ``"max_tokens"`` (older servers).
         http: ``"aiohttp"`` (default, fastest), ``"httpx2"``, or ``"sdk"`` (through ``openai.AsyncOpenAI``).
@@ -63,6 +68,9 @@ class OpenAIBackend:
         organization, project: sent as ``OpenAI-Organization`` / ``OpenAI-Project``; default
             ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID``, as the openai SDK reads them.
         extra_body: extra JSON fields sent with every request.
+
+    ``aclose()`` closes its connections; used again, it opens new ones (a closed ``http_client`` of yours raises
+    :class:`~polytask.BackendClosedError` instead).
 
     Raises:
         ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http``, or a bad number (the message
@@ -113,6 +121,7 @@ class OpenAIBackend:
         self.tpm = tpm
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
+        self.modes: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
         self.max_tokens_param = max_tokens_param
         self.http: HTTPMode = http
         self.timeout = timeout
@@ -133,15 +142,21 @@ class OpenAIBackend:
         self._sdk: openai.AsyncOpenAI | None = None
         self._lean: HTTPClient | None = None
         if http == "sdk":
-            self._sdk = openai.AsyncOpenAI(
-                api_key=api_key,
-                base_url=self.base_url,
-                organization=organization,
-                project=project,
-                max_retries=0,
-                timeout=timeout,
-                http_client=http_client or Httpx2Client(max_connections=max_connections).client,
-            )
+            transport = Httpx2Client(http_client, max_connections=max_connections)
+
+            def sdk() -> openai.AsyncOpenAI:
+                return openai.AsyncOpenAI(
+                    api_key=api_key,
+                    base_url=self.base_url,
+                    organization=organization,
+                    project=project,
+                    max_retries=0,
+                    timeout=timeout,
+                    http_client=transport.reopen(),
+                )
+
+            self._sdk = sdk()
+            self._new_sdk = sdk
         elif http == "httpx2":
             self._lean = Httpx2Client(http_client, max_connections=max_connections)
         else:
@@ -158,16 +173,25 @@ class OpenAIBackend:
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
         """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai or HTTP one); never retries."""
+        name = request.schema_name
         while True:
-            mode = self.mode
+            mode = self.modes.get(name, self.mode)
             try:
                 return await self._complete(request, mode)
             except exc.BadRequestError as error:
                 fallback = _FALLBACK.get(mode)
                 if fallback is None or "response_format" not in str(error):
                     raise
-                if self.mode == mode:  # another call may have fallen back already
-                    self.mode = fallback
+                if self.modes.get(name, self.mode) == mode:  # another call may have fallen back already
+                    self.modes[name] = fallback
+                    logger.warning(
+                        "the server refused %s structured outputs for %r (%s); sending its schema %s for the rest "
+                        "of the run",
+                        mode,
+                        name,
+                        error,
+                        "in the prompt with JSON mode" if fallback == "json_object" else "in the prompt only",
+                    )
 
     def _body(self, request: ChatRequest, mode: StructuredMode) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -219,6 +243,8 @@ class OpenAIBackend:
 
     async def _send_sdk(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], Any]:
         assert self._sdk is not None
+        if self._sdk.is_closed():  # closed by aclose(): made anew, as the other clients are
+            self._sdk = self._new_sdk()
         fields = {k: v for k, v in body.items() if k in ("model", "messages", "temperature", "response_format")}
         extra = {k: v for k, v in body.items() if k not in fields}
         try:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._checks import check_positive
-from ..exceptions import BackendError, BadRequestError, ConfigurationError, PolytaskError
+from ..exceptions import BackendClosedError, BackendError, BadRequestError, ConfigurationError, PolytaskError
 from .base import ChatRequest, ChatResponse
 
 if TYPE_CHECKING:
@@ -192,10 +192,11 @@ class TransformersBackend:
             BadRequestError: the prompt plus ``max_tokens`` exceeds the model's context, the schema does not
                 compile, the chat template refuses the conversation, or ``max_tokens`` < 1 / a negative or
                 non-finite temperature.
-            BackendError: the model failed (out of memory, …; the message says why), or the backend is closed.
+            BackendError: the model failed (out of memory, …; the message says why).
+            BackendClosedError: the backend is closed.
         """
         if self._closed:
-            raise BackendError(f"{self.name}: the backend is closed")
+            raise BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
         outcome = await self._queue.submit(request)
         if isinstance(outcome, BaseException):
             raise outcome

@@ -14,7 +14,7 @@ import json
 import threading
 from typing import Any
 
-__all__ = ["GrammarCache", "accept_tokens", "unpack_bits"]
+__all__ = ["GrammarCache", "accept_tokens", "grammar_schema", "unpack_bits"]
 
 
 class GrammarCache:
@@ -59,7 +59,10 @@ class GrammarCache:
             hit = self._cache.get(key)
             if hit is None:
                 hit = self._compiler.compile_json_schema(
-                    key, any_whitespace=False, separators=(",", ":"), strict_mode=True
+                    json.dumps(grammar_schema(schema), separators=(",", ":")),
+                    any_whitespace=False,
+                    separators=(",", ":"),
+                    strict_mode=True,
                 )
                 self._cache[key] = hit
                 self.compiles += 1
@@ -68,6 +71,22 @@ class GrammarCache:
     def matcher(self, compiled: Any) -> Any:
         """A fresh ``xgrammar.GrammarMatcher`` for one answer."""
         return self._xgr.GrammarMatcher(compiled)
+
+
+def grammar_schema(schema: Any) -> Any:
+    """``schema`` as the grammar is compiled from: string lengths (``minLength`` / ``maxLength``) left out.
+
+    xgrammar 0.2 compiles a length-bounded string as m to n of any character but a quote, a backslash or a line
+    break, which lets raw control characters through (invalid JSON) and forbids every escape; without the bounds
+    the string follows JSON's own rules, and pydantic still checks the length (an answer past it is re-asked once,
+    like any invalid answer).
+    """
+    if isinstance(schema, list):
+        return [grammar_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    drop = ("minLength", "maxLength") if schema.get("type") == "string" else ()
+    return {k: grammar_schema(v) for k, v in schema.items() if k not in drop}
 
 
 def unpack_bits(packed: Any, width: int) -> Any:

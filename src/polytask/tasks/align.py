@@ -8,8 +8,9 @@ Rules, in order, for each entity (in the model's order):
 
 Repeated mentions of the same text take successive occurrences left to right, preferring an occurrence that does
 not overlap a mention aligned before it (so "New Orleans" after "New Orleans Habitat" lands on its own occurrence,
-not inside the longer name). An entity found by neither rule is returned unaligned (offsets None), never dropped
-and never placed at an invented position.
+not inside the longer name) and then one on word boundaries (so "US" lands on "US", not inside an earlier "USB";
+scripts written without spaces, such as Chinese, Japanese and Thai, have no word boundaries to check). An entity
+found by neither rule is returned unaligned (offsets None), never dropped and never placed at an invented position.
 """
 
 from __future__ import annotations
@@ -49,15 +50,43 @@ def _normalize(text: str) -> tuple[str, list[int]]:
     return "".join(out), index
 
 
+def _spaced(ch: str) -> bool:
+    """A letter or digit of a script that separates words with spaces (not CJK, kana, Hangul or Thai, where a
+    name runs straight into the next word)."""
+    if not ch.isalnum():
+        return False
+    code = ord(ch)
+    return not (
+        0x0E00 <= code <= 0x0EFF  # Thai, Lao
+        or 0x1100 <= code <= 0x11FF  # Hangul jamo
+        or 0x2E80 <= code <= 0xA4CF  # CJK radicals … kana … CJK ideographs, Yi
+        or 0xAC00 <= code <= 0xD7FF  # Hangul syllables
+        or 0xF900 <= code <= 0xFAFF  # CJK compatibility ideographs
+        or 0xFF66 <= code <= 0xFFDC  # half-width kana, Hangul
+        or code >= 0x20000  # CJK extensions
+    )
+
+
+def _on_word_boundaries(haystack: str, at: int, end: int) -> bool:
+    """Whether ``haystack[at:end]`` starts and ends a word (not "Al" inside "Alamo", "US" inside "USB")."""
+    before = at > 0 and _spaced(haystack[at - 1]) and _spaced(haystack[at])
+    after = end < len(haystack) and _spaced(haystack[end]) and _spaced(haystack[end - 1])
+    return not (before or after)
+
+
 def _find(haystack: str, needle: str, start: int, taken: list[tuple[int, int]]) -> int:
-    """First occurrence of ``needle`` at or after ``start`` that overlaps no span in ``taken``; else the first
-    occurrence at all; -1 when there is none."""
+    """The first occurrence of ``needle`` at or after ``start`` that overlaps no span in ``taken`` and lies on
+    word boundaries; else the first that overlaps nothing; else the first at all; -1 when there is none."""
     first = at = haystack.find(needle, start)
+    free = -1
     while at >= 0:
         if all(at >= e or at + len(needle) <= s for s, e in taken):
-            return at
+            if _on_word_boundaries(haystack, at, at + len(needle)):
+                return at
+            if free < 0:
+                free = at
         at = haystack.find(needle, at + 1)
-    return first
+    return free if free >= 0 else first
 
 
 def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ..documents import Sentence
 
@@ -28,28 +28,39 @@ MergeFunction = Callable[[str, Sequence[Sentence], Sequence[Any]], Any]
 """``merge(document_text, sentences, answers)`` → the document-level result; ``answers[i]`` is sentence i's
 (post-processed) answer or None where that pair failed."""
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+# keywords whose value is one subschema, a list of subschemas, or a name → subschema mapping
+_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems")
+_NAMED = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 
 
 def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema made valid for OpenAI strict structured outputs.
+    """The model's JSON schema (by alias) made valid for OpenAI strict structured outputs.
 
-    Every object gets ``additionalProperties: false`` and lists all its properties as required; ``default``
-    values are dropped (strict mode rejects them). ``$defs`` references are kept.
+    Every object gets ``additionalProperties: false`` (unless it is a mapping, whose values are a schema) and lists
+    all its properties as required; ``default`` keywords are dropped (strict mode rejects them; a field named
+    ``default`` is kept). ``$defs`` references are kept.
     """
-    schema = copy.deepcopy(model.model_json_schema())
+    schema = copy.deepcopy(model.model_json_schema(by_alias=True))
 
     def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            node.pop("default", None)
-            if node.get("type") == "object" and "properties" in node:
+        if not isinstance(node, dict):
+            return
+        node.pop("default", None)
+        if node.get("type") == "object" and "properties" in node:
+            if not isinstance(node.get("additionalProperties"), dict):
                 node["additionalProperties"] = False
-                node["required"] = list(node["properties"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
+            node["required"] = list(node["properties"])
+        for key in _ONE:
+            walk(node.get(key))
+        for key in _MANY:
+            for sub in node.get(key) or ():
+                walk(sub)
+        for key in _NAMED:
+            for sub in (node.get(key) or {}).values():
+                walk(sub)
 
     walk(schema)
     return schema
@@ -68,7 +79,9 @@ class Task(Generic[AnswerT]):
         max_tokens: the most completion tokens an answer may use.
 
     Raises:
-        ConfigurationError: a bad name or a non-positive ``max_tokens``.
+        ConfigurationError: a bad name, ``answer`` not a pydantic model whose JSON schema is an object, an
+            ``instruction`` that is not text, an example that is not a ``(str, answer)`` pair valid for the model,
+            or a non-positive ``max_tokens``; the message names the task and what is wrong.
     """
 
     def __init__(
@@ -83,17 +96,51 @@ class Task(Generic[AnswerT]):
     ) -> None:
         from ..exceptions import ConfigurationError
 
-        if not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigurationError(f"task name {name!r} must match [a-zA-Z0-9_-]{{1,64}}")
-        if max_tokens < 1:
-            raise ConfigurationError(f"task {name!r}: max_tokens must be ≥ 1, got {max_tokens}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ConfigurationError(f"task {name!r}: max_tokens must be an integer ≥ 1, got {max_tokens!r}")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ConfigurationError(f"task {name!r}: instruction must be a non-empty string, got {instruction!r}")
+        if not (isinstance(answer, type) and issubclass(answer, BaseModel)):
+            raise ConfigurationError(
+                f"task {name!r}: answer must be a pydantic BaseModel class, got {answer!r} (wrap a list or a dict "
+                "in a model's field)"
+            )
+        if merge is not None and not callable(merge):
+            raise ConfigurationError(f"task {name!r}: merge must be callable, got {type(merge).__name__}")
         self.name = name
         self.answer_model = answer
         self.instruction = instruction
-        self.examples = tuple(examples)
         self.max_tokens = max_tokens
         self._merge = merge
         self._schema: dict[str, Any] | None = None
+        try:
+            schema = self.json_schema()
+        except Exception as error:  # e.g. a Callable field: pydantic cannot describe it
+            raise ConfigurationError(
+                f"task {name!r}: no JSON schema for {answer.__name__}: {type(error).__name__}: {error}"
+            ) from None
+        if schema.get("type") != "object":
+            raise ConfigurationError(
+                f"task {name!r}: {answer.__name__}'s JSON schema must be an object (structured outputs answer one), "
+                f"got {schema.get('type', 'no type')!r}"
+            )
+        self.examples = tuple(self._example(i, example) for i, example in enumerate(examples))
+
+    def _example(self, index: int, example: Any) -> tuple[str, AnswerT]:
+        from ..exceptions import ConfigurationError
+
+        where = f"task {self.name!r}: example {index}"
+        if not (isinstance(example, tuple | list) and len(example) == 2 and isinstance(example[0], str)):
+            raise ConfigurationError(f"{where} must be a (sentence, answer) pair, got {example!r}")
+        sentence, answer = example
+        try:  # an answer of the model, or a dict / another model with its fields, is checked against the model
+            data = answer.model_dump(by_alias=True) if isinstance(answer, BaseModel) else answer
+            return sentence, self.answer_model.model_validate(data)
+        except ValidationError as error:
+            model = self.answer_model.__name__
+            raise ConfigurationError(f"{where}: the answer does not match {model}: {error}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -109,8 +156,8 @@ class Task(Generic[AnswerT]):
         return self.answer_model.model_validate_json(content)
 
     def dump_answer(self, answer: AnswerT) -> str:
-        """An answer as compact JSON (for few-shot examples)."""
-        return answer.model_dump_json()
+        """An answer as compact JSON, by alias (for few-shot examples): the keys the schema asks for."""
+        return answer.model_dump_json(by_alias=True)
 
     def postprocess(self, document_text: str, sentence: Sentence, answer: AnswerT) -> Any:
         """Turn a validated answer into the per-sentence result kept in :class:`~polytask.PairResult` (default:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -33,13 +35,16 @@ class Classify(Task[BaseModel]):
     """Classify each sentence into one of ``labels`` (or several, with ``multi_label=True``).
 
     Args:
-        labels: the label set (at least two distinct, non-empty strings).
+        labels: the label set (a list of at least two distinct, non-blank strings).
         multi_label: allow several labels per sentence (then zero labels is allowed too).
         name: result key (default ``"classify"``).
-        instruction: replaces the default instruction (the label list is appended).
+        instruction: replaces the default instruction (the label list is appended, as a JSON array).
+        max_tokens: the most completion tokens an answer may use (default: enough for the longest label, or for
+            every label with ``multi_label``, counting one token per UTF-8 byte, which no byte-level BPE exceeds).
 
     Raises:
-        ConfigurationError: fewer than two labels, duplicates, or empty labels.
+        ConfigurationError: fewer than two labels, labels that are not strings, blank, or that differ only in
+            case, Unicode form or surrounding spaces (the model could not tell them apart).
     """
 
     def __init__(
@@ -49,10 +54,24 @@ class Classify(Task[BaseModel]):
         multi_label: bool = False,
         name: str = "classify",
         instruction: str | None = None,
+        max_tokens: int | None = None,
     ) -> None:
+        if isinstance(labels, str | bytes) or not isinstance(labels, Sequence | set | frozenset):
+            raise ConfigurationError(f"Classify needs a list of labels, got {labels!r}")
         labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
-            raise ConfigurationError(f"Classify needs at least two distinct non-empty labels, got {labels!r}")
+        bad = [x for x in labels if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ConfigurationError(f"Classify labels must be non-blank strings, got {bad[0]!r}")
+        seen: dict[str, str] = {}
+        for label in labels:
+            key = unicodedata.normalize("NFKC", label).casefold().strip()
+            if key in seen:
+                raise ConfigurationError(
+                    f"Classify labels {seen[key]!r} and {label!r} differ only in case, Unicode form or spaces"
+                )
+            seen[key] = label
+        if len(labels) < 2:
+            raise ConfigurationError(f"Classify needs at least two labels, got {labels!r}")
         self.labels = labels
         self.multi_label = multi_label
         choice: Any = Literal.__getitem__(tuple(labels))
@@ -62,11 +81,14 @@ class Classify(Task[BaseModel]):
             default = "Give every label that applies to the sentence (possibly none)."
         else:
             default = "Give the one label that best fits the sentence."
+        if max_tokens is None:
+            sizes = [len(json.dumps(label, ensure_ascii=False).encode()) for label in labels]
+            max_tokens = 16 + (sum(sizes) + len(sizes) if multi_label else max(sizes))
         super().__init__(
             name,
             answer,
-            f"{instruction or default} Labels: {', '.join(labels)}.",
-            max_tokens=16 + 12 * len(labels),
+            f"{instruction or default} Labels: {json.dumps(labels, ensure_ascii=False)}.",
+            max_tokens=max_tokens,
         )
 
     def merge(self, document_text: str, sentences: Sequence[Sentence], answers: Sequence[Any]) -> DocumentLabels:
