@@ -77,10 +77,11 @@ async def test_async_iterable_input_and_document_shapes(simulator):
         yield pt.Document(id="doc", text="a document.", metadata={"k": 1})
         yield {"id": 7, "text": "a dict.", "lang": "en"}
         yield "   "
+        yield ["from-json", "a list, as JSON decodes a pair."]
 
     async with orchestrator(sim) as orch:
         results = [r async for r in orch.stream(source(), ordered=True)]
-    assert [r.id for r in results] == ["0", "my-id", "doc", "7", "4"]
+    assert [r.id for r in results] == ["0", "my-id", "doc", "7", "4", "from-json"]
     assert results[2].metadata == {"k": 1} and results[3].metadata == {"lang": "en"}
     assert results[4].sentences == [] and not results[4].partial
 

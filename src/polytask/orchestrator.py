@@ -51,8 +51,8 @@ __all__ = ["DocumentInput", "Orchestrator", "RunStats", "run_sync"]
 
 logger = logging.getLogger("polytask")
 
-DocumentInput = str | tuple[str, str] | Document | dict[str, Any]
-"""A document as callers may pass it: its text, an ``(id, text)`` pair, a :class:`Document`, or a dict with
+DocumentInput = str | tuple[str | int, str] | list[Any] | Document | dict[str, Any]
+"""A document as callers may pass it: its text, an ``(id, text)`` pair (or a two-item list), a :class:`Document`, or a dict with
 ``text`` (and optionally ``id``; other keys become metadata)."""
 
 
@@ -138,7 +138,7 @@ def _document(item: Any, position: int) -> Document:
         return item
     if isinstance(item, str):
         return Document(id=str(position), text=item)
-    if isinstance(item, tuple) and len(item) == 2:
+    if isinstance(item, tuple | list) and len(item) == 2:  # (id, text), or [id, text] as JSON decodes it
         doc_id, text = item
         if not isinstance(text, str):
             raise InputError(f"document {position}: text must be a string, got {type(text).__name__}", field="text")
@@ -150,7 +150,8 @@ def _document(item: Any, position: int) -> Document:
         rest = {k: v for k, v in item.items() if k not in ("id", "text")}
         return Document(id=_document_id(item.get("id"), position), text=text, metadata=rest)
     raise InputError(
-        f"document {position}: expected a str, an (id, text) pair, a Document or a dict, got {type(item).__name__}"
+        f"document {position}: expected a str, an (id, text) pair, a Document or a dict with 'text', got "
+        f"{type(item).__name__}"
     )
 
 
