@@ -52,8 +52,8 @@ __all__ = ["DocumentInput", "Orchestrator", "RunStats", "run_sync"]
 logger = logging.getLogger("polytask")
 
 DocumentInput = str | tuple[str | int, str] | list[Any] | Document | dict[str, Any]
-"""A document as callers may pass it: its text, an ``(id, text)`` pair (or a two-item list), a :class:`Document`, or a dict with
-``text`` (and optionally ``id``; other keys become metadata)."""
+"""A document as callers may pass it: its text, an ``(id, text)`` pair (or a two-item list), a :class:`Document`,
+or a dict with ``text`` (and optionally ``id``; other keys become metadata)."""
 
 
 @dataclass
