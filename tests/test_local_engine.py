@@ -207,6 +207,25 @@ def test_constrained_rows_match_the_grammar_and_never_pick_padding_ids() -> None
             assert max(res.token_ids) >= len(tok)
 
 
+@pytest.mark.parametrize("with_table", [True, False])
+def test_a_complete_answer_ends_without_a_stop_step_even_on_its_last_allowed_token(tiny, with_table) -> None:
+    # {"label":"positive"} is 20 byte tokens: with a cap of 20 it is whole ("stop", not "length"), and with any
+    # cap it ends on its closing brace without a decode step for the stop token
+    model, tok = tiny
+    grammars = GrammarCache(tok, len(tok), [tok.eos_token_id])
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive"]}}, "required": ["label"]}
+    grammar = grammars.get(schema)
+    ends = grammars.answer_ends if with_table else None
+    assert ends is None or ends[tok.convert_tokens_to_ids("}")]
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, answer_ends=ends)
+    reqs = [GenRequest(p, grammar=grammar, max_new_tokens=cap) for p, cap in zip(prompts(tok, 3), (20, 21, 64), strict=True)]
+    for res in engine.generate(reqs, grammar_matcher=grammars.matcher):
+        assert res.finish_reason == "stop" and tok.decode(res.token_ids) == '{"label":"positive"}'
+        assert res.completion_tokens == 20
+    (cut,) = engine.generate([GenRequest(prompts(tok, 1)[0], grammar=grammar, max_new_tokens=19)], grammars.matcher)
+    assert cut.finish_reason == "length"
+
+
 def test_torch_bitmask_fallback_equals_xgrammar_kernel() -> None:
     rng = np.random.default_rng(0)
     width, rows = 1000, 5

@@ -6,6 +6,7 @@ nothing is fetched from the hub.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import subprocess
@@ -413,7 +414,7 @@ def test_learned_position_models_survive_long_runs() -> None:
     assert [r.completion_tokens for r in results] == [4, 150]
 
 
-@pytest.mark.parametrize("penalty", [0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("penalty", [0, -1.0, float("nan"), float("inf"), 1e-45, 1e6])
 def test_bad_repetition_penalty_names_itself(tiny, penalty) -> None:
     model, tok = tiny
     with pytest.raises(ConfigurationError, match="repetition_penalty"):
@@ -445,3 +446,127 @@ def test_repetition_penalty_reaches_every_request(tiny) -> None:
     anyio.run(gather, backend, [request("Anna went to Rome.", Entities, max_tokens=4)] * 2)
     assert seen == [2.0, 2.0]
     anyio.run(backend.aclose)
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"max_wait": float("inf")}, "max_wait"),
+        ({"max_wait": float("nan")}, "max_wait"),
+        ({"max_batch_size": 2.5}, "max_batch_size"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"cpu_threads": -1}, "cpu_threads"),
+        ({"dtype": "notadtype"}, "not a torch dtype"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
+    ],
+)
+def test_settings_that_cannot_work_fail_at_construction(tiny, setting, words) -> None:
+    model, tok = tiny
+    with pytest.raises(ConfigurationError, match=words):
+        TransformersBackend(model, tokenizer=tok, **{"device": "cpu", **setting})
+
+
+def test_a_tokenizer_without_a_chat_template_fails_at_construction(tiny) -> None:
+    model, _ = tiny
+    tok = make_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ConfigurationError, match="no chat template"):
+        TransformersBackend(model, tokenizer=tok, device="cpu")
+
+
+def test_a_schema_that_does_not_compile_fails_once_with_a_clean_message(tiny) -> None:
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_wait=0)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\bfoo\\b$"}}}
+    bad = dataclasses.replace(request("Hi.", Sentiment), json_schema=schema, schema_name="bad")
+    before = backend.grammars.compiles
+    out = anyio.run(settle, backend, [bad, bad, request("Hi.", Sentiment), bad])
+    assert [type(o).__name__ for o in out] == ["BadRequestError", "BadRequestError", "ChatResponse", "BadRequestError"]
+    message = str(out[0])
+    assert "cannot compile schema 'bad'" in message and not message.startswith("HTTP 400: [") and "\n" not in message
+    assert "cc:" not in message  # no C++ log prefix
+    assert backend.grammars.compiles - before == 2  # the bad schema once, Sentiment once
+
+
+def test_a_slow_compile_does_not_stop_other_calls(tiny, monkeypatch) -> None:
+    # compiling happens on the calling thread's side, not on the engine thread: a call whose grammar is ready
+    # is answered while another schema still compiles
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_wait=0)
+    anyio.run(settle, backend, [request("warm up", Sentiment)])
+    release = threading.Event()
+    real = backend.grammars._compiler.compile_json_schema
+
+    def slow(*args, **kwargs):
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.grammars._compiler, "compile_json_schema", slow)
+    order = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def compiling() -> None:
+                await backend.complete(request("Slow.", Entities))
+                order.append("entities")
+
+            tg.start_soon(compiling)
+            await anyio.sleep(0.05)
+            await backend.complete(request("Fast.", Sentiment))
+            order.append("sentiment")
+            release.set()
+
+    anyio.run(main)
+    assert order == ["sentiment", "entities"]
+
+
+def test_stats_and_repr_after_aclose(tiny) -> None:
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_wait=0)
+    anyio.run(settle, backend, [request("Hi.", Sentiment)])
+    anyio.run(backend.aclose)
+    assert backend.stats["rows"] == 1 and "closed" in repr(backend)
+
+
+def test_a_damaged_cached_conversion_is_converted_again(tmp_path, monkeypatch) -> None:
+    from polytask.local import model as model_module
+
+    model, tok = build()
+    converted = tmp_path / "cache" / "models" / "tiny-conv"
+    conversions = []
+
+    def convert(gguf, dest=None):
+        if not (converted / "config.json").is_file():
+            conversions.append(gguf)
+            model.save_pretrained(converted)
+            tok.save_pretrained(converted)
+        return converted
+
+    monkeypatch.setattr(model_module, "convert_gguf", convert)
+    gguf = tmp_path / "tiny.gguf"
+    model_module.load_model(gguf, device="cpu", dtype=torch.float32)
+    weights = converted / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    net, _ = model_module.load_model(gguf, device="cpu", dtype=torch.float32)
+    assert len(conversions) == 2 and net.config.vocab_size == model.config.vocab_size
+
+
+def test_a_directory_that_cannot_load_names_itself(tiny, tmp_path) -> None:
+    model, _ = tiny
+    model.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(ConfigurationError, match=r"cannot load the model in .*no-tokenizer") as info:
+        TransformersBackend(tmp_path / "no-tokenizer", device="cpu")
+    assert "hf download" not in str(info.value)
+
+
+def test_an_unwritable_cache_names_polytask_cache_dir(tmp_path, monkeypatch) -> None:
+    from polytask.local.model import convert_gguf
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(blocker / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigurationError, match="POLYTASK_CACHE_DIR"):
+        convert_gguf(gguf)

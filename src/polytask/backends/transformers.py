@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._checks import check_positive
+from .._checks import check_count, check_positive
 from ..exceptions import BackendClosedError, BackendError, BadRequestError, ConfigurationError, PolytaskError
 from .base import ChatRequest, ChatResponse
 
@@ -99,13 +99,14 @@ class TransformersBackend:
         cuda_graphs: bool | None = None,
         repetition_penalty: float | None = None,
     ) -> None:
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ConfigurationError(f"max_batch_size must be ≥ 1, got {max_batch_size}")
-        if max_wait < 0:
-            raise ConfigurationError(f"max_wait must be ≥ 0 seconds, got {max_wait}")
-        if max_new_tokens < 1:
-            raise ConfigurationError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        check_count("max_batch_size", max_batch_size)
+        if max_wait != 0:
+            check_positive("max_wait", max_wait)
+        check_count("max_new_tokens", max_new_tokens, allow_none=False)
+        check_count("cpu_threads", cpu_threads)
         check_positive("repetition_penalty", repetition_penalty)
+        if repetition_penalty is not None and not 0.01 <= repetition_penalty <= 100:
+            raise ConfigurationError(f"repetition_penalty must be between 0.01 and 100, got {repetition_penalty!r}")
         try:
             import torch
 
@@ -124,6 +125,12 @@ class TransformersBackend:
         self.repetition_penalty = float(repetition_penalty)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            where = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigurationError(f"device {device!r} is not a torch device: {exc}") from None
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigurationError(f"device {device!r}: this torch build or machine has no CUDA GPU; use 'cpu'")
         self.max_batch_size = max_batch_size or (256 if device.startswith("cuda") else 32)
         self.preferred_concurrency = 2 * self.max_batch_size
         if device.startswith("cpu"):
@@ -131,6 +138,8 @@ class TransformersBackend:
         if dtype == "auto":
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         elif isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ConfigurationError(f"dtype {dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float32')")
             dtype = getattr(torch, dtype)
         if model is None or isinstance(model, (str, os.PathLike)):
             self.model, self.tokenizer = load_model(model, device=device, dtype=dtype)
@@ -148,6 +157,11 @@ class TransformersBackend:
         stop.discard(None)
         if not stop:
             raise ConfigurationError(f"model {self.name}: the tokenizer has no end-of-sequence token")
+        if not getattr(tok, "chat_template", None):
+            raise ConfigurationError(
+                f"model {self.name}: the tokenizer has no chat template (a base model, not an instruct / chat one?); "
+                "set tokenizer.chat_template, or use an instruct model"
+            )
         pad = tok.pad_token_id if tok.pad_token_id is not None else min(stop)
         vocab = int(cfg.get_text_config().vocab_size if hasattr(cfg, "get_text_config") else cfg.vocab_size)
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
@@ -158,6 +172,7 @@ class TransformersBackend:
             pad_token_id=pad,
             cuda_graphs=cuda_graphs,
             grammar_vocab=self.grammars.vocab_size,
+            answer_ends=self.grammars.answer_ends,
         )
         self._queue = CallQueue(
             self.engine,
@@ -170,14 +185,16 @@ class TransformersBackend:
         self._closed = False
 
     def __repr__(self) -> str:
+        if self.engine is None:
+            return f"TransformersBackend(name={self.name!r}, closed)"
         return f"TransformersBackend(name={self.name!r}, device={str(self.engine.device)!r})"
 
     @property
     def stats(self) -> dict[str, int]:
         """The engine's counters: prefill passes (``batches``), calls admitted (``rows``), decode ``steps``,
         ``prefix_tokens_saved``, CUDA ``graphs`` captured, buckets ``grown`` / ``shrunk``, ``prefill_ms`` and
-        ``decode_ms``."""
-        return dict(self.engine.stats)
+        ``decode_ms``; the last figures after :meth:`aclose`."""
+        return dict(self.engine.stats if self.engine is not None else self._last_stats)
 
     async def __aenter__(self) -> TransformersBackend:
         return self
@@ -197,6 +214,12 @@ class TransformersBackend:
         """
         if self._closed:
             raise BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
+        if not self.grammars.cached(request.json_schema):  # compiled here, not on the engine thread, which
+            try:  # would stop decoding every other call meanwhile (a 10,000-label enum takes seconds)
+                await anyio.to_thread.run_sync(self.grammars.get, request.json_schema)
+            except ValueError as exc:
+                problem = f"cannot compile schema {request.schema_name!r}: {exc}"
+                raise BadRequestError(problem, status_code=400) from None
         outcome = await self._queue.submit(request)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -296,6 +319,7 @@ class TransformersBackend:
         engine._prefix.clear()
         engine.model = None
         self._queue.engine = None  # type: ignore[assignment]
+        self._last_stats = dict(engine.stats)
         self.engine = None  # type: ignore[assignment]
         self.model = None
         try:

@@ -46,6 +46,7 @@ class Batcher:
         self.joining: list[Job] = []
         self.words = math.ceil(engine.grammar_vocab / 32)
         self._batch_matcher: Any = None
+        self._stop_only: np.ndarray | None = None  # every bit but the stop tokens' (uint32 words)
         self.since_admit = 0
         self.pin = engine.device.type == "cuda"
         self.event = torch.cuda.Event() if self.pin else None  # type: ignore[no-untyped-call]
@@ -387,27 +388,58 @@ class Batcher:
         self.out[rows, self.count[rows]] = tok[rows]
         self.count[rows] += 1
         hit_stop = busy & np.isin(tok, e.stop_ids) & ~self.ignore
-        done = hit_stop | (busy & (self.count >= self.caps))
-        for r in np.flatnonzero(done).tolist():
-            job = jobs[r]
-            assert job is not None
-            job.finish(self._result(r, "stop" if hit_stop[r] else "length"))
-            jobs[r] = None
-            self.matchers[r] = None
         for r in rows.tolist():
             job = jobs[r]
             if job is not None and job.cancelled:
                 job.finish(self._result(r, "cancelled"))
                 jobs[r] = None
                 self.matchers[r] = None
-        going = [r for r in constrained if jobs[r] is not None]
+        going = [r for r in constrained if jobs[r] is not None and not hit_stop[r]]
+        complete = np.zeros_like(hit_stop)
         if going:
             accept_tokens([self.matchers[r] for r in going], tok[going].tolist())
             self._fill(going)
+            complete[self._completed(going, tok)] = True
+        done = busy & (hit_stop | complete | (self.count >= self.caps))
+        for r in np.flatnonzero(done).tolist():
+            job = jobs[r]
+            if job is None:  # cancelled above
+                continue
+            if hit_stop[r]:
+                job.finish(self._result(r, "stop", drop_last=True))
+            else:
+                job.finish(self._result(r, "stop" if complete[r] else "length"))
+            jobs[r] = None
+            self.matchers[r] = None
         self.logits = next_logits.float()
 
-    def _result(self, r: int, reason: str) -> GenResult:
-        kept = int(self.count[r]) - (1 if reason == "stop" else 0)
+    def _completed(self, rows: list[int], tok: np.ndarray) -> list[int]:
+        """The constrained rows whose answer is complete: the grammar is matched and allows nothing but a stop
+        token next. They finish now instead of spending a decode step on the stop token, and an answer that
+        completes on its last allowed token is whole ("stop"), not cut off ("length").
+
+        Only rows whose last token could close an answer (``Engine.answer_ends``, when known) are asked."""
+        ends = self.e.answer_ends
+        candidates = [r for r in rows if ends is None or (tok[r] < len(ends) and ends[tok[r]])]
+        if not candidates:
+            return []
+        assert self.bitmask is not None
+        if self._stop_only is None:
+            only = np.zeros(self.words, dtype=np.uint32)
+            for t in self.e.stop_ids.tolist():
+                if t < self.words * 32:
+                    only[t // 32] |= np.uint32(1 << (t % 32))
+            self._stop_only = ~only
+        masks = self.bitmask.numpy().view(np.uint32)
+        return [
+            r
+            for r in candidates
+            if self.matchers[r].is_completed() and not (masks[r] & self._stop_only).any() and not self.ignore[r]
+        ]
+
+    def _result(self, r: int, reason: str, drop_last: bool = False) -> GenResult:
+        """Row ``r``'s answer; ``drop_last``: its last token is the stop token, not part of the answer."""
+        kept = int(self.count[r]) - (1 if drop_last else 0)
         return GenResult(
             token_ids=self.out[r, :kept].tolist(),
             finish_reason=reason,

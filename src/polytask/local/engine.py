@@ -142,6 +142,10 @@ class Engine:
             ``model.generate`` elsewhere is unaffected).
         grammar_vocab: how many leading token ids grammars can allow (the tokenizer's size; default: the logits
             width). Ids past it (a model's padded vocabulary) are never picked for a constrained row.
+        answer_ends: a bool per token id: whether the token can end a constrained answer (its text holds a ``}``
+            or ``]``). A constrained row whose grammar is then complete and allows only a stop token finishes at
+            once (one decode step saved per answer, and an answer completed on its last allowed token counts as
+            whole). Default None: every constrained row is checked each step (≈ 0.5 µs a row).
         admit_every: with rows free and prompts waiting, admit at the latest after this many decode steps …
         admit_fraction: … or as soon as this fraction of the rows is free (admitting costs one prefill pass).
         shrink_below: with nothing waiting, move the busy rows into a smaller bucket once they fill less than
@@ -165,6 +169,7 @@ class Engine:
         max_buckets: int = 8,
         fused_gqa: bool = True,
         grammar_vocab: int | None = None,
+        answer_ends: np.ndarray | None = None,
         admit_every: int = 8,
         admit_fraction: float = 0.125,
         shrink_below: int = 4,
@@ -180,6 +185,7 @@ class Engine:
         self.max_position = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
         self.grammar_vocab = min(self.vocab_size, grammar_vocab or self.vocab_size)
         self.stop_ids = np.array(sorted(set(stop_token_ids)), dtype=np.int64)
+        self.answer_ends = answer_ends
         self.pad_id = pad_token_id
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self.min_prefix = min_prefix

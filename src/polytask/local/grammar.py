@@ -11,10 +11,15 @@ runs out of tokens.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
+import numpy as np
+
 __all__ = ["GrammarCache", "accept_tokens", "grammar_schema", "unpack_bits"]
+
+_LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ", re.MULTILINE)  # "[07:00:12] /project/cpp/x.cc:94: "
 
 
 class GrammarCache:
@@ -43,30 +48,52 @@ class GrammarCache:
             tokenizer, vocab_size=self.vocab_size, stop_token_ids=stop_token_ids
         )
         self._compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
+        ends = np.zeros(self.vocab_size, dtype=bool)
+        for text, i in tokenizer.get_vocab().items():  # byte-level BPE and SentencePiece keep "}" / "]" as is
+            if i < self.vocab_size and ("}" in text or "]" in text):
+                ends[i] = True
+        self.answer_ends = ends
+        """Per token id: whether its text holds a ``}`` or ``]``, so it can end a JSON answer
+        (:class:`~polytask.local.engine.Engine`'s ``answer_ends``)."""
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.compiles = 0
         """How many schemas were compiled (for tests: each schema once)."""
 
     def get(self, schema: dict[str, Any]) -> Any:
-        """The compiled grammar for ``schema`` (an ``xgrammar.CompiledGrammar``), compiling it on first use.
+        """The compiled grammar for ``schema`` (an ``xgrammar.CompiledGrammar``), compiling it on first use; a
+        schema that does not compile fails the same way every time, without compiling again.
+
+        A cached grammar is returned without taking the lock, so a long compile (a 10,000-label enum takes
+        seconds) holds up only the calls that need that grammar.
 
         Raises:
-            ValueError: the schema cannot be compiled.
+            ValueError: the schema cannot be compiled (xgrammar's reason, without its log prefix).
         """
         key = json.dumps(schema, separators=(",", ":"))  # property order matters: it is the answer's order
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is None:
-                hit = self._compiler.compile_json_schema(
-                    json.dumps(grammar_schema(schema), separators=(",", ":")),
-                    any_whitespace=False,
-                    separators=(",", ":"),
-                    strict_mode=True,
-                )
-                self._cache[key] = hit
-                self.compiles += 1
-            return hit
+        hit = self._cache.get(key)
+        if hit is None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is None:
+                    try:
+                        hit = self._compiler.compile_json_schema(
+                            json.dumps(grammar_schema(schema), separators=(",", ":")),
+                            any_whitespace=False,
+                            separators=(",", ":"),
+                            strict_mode=True,
+                        )
+                    except Exception as exc:  # xgrammar raises RuntimeError / ValueError with a C++ log prefix
+                        hit = ValueError(_LOG_PREFIX.sub("", str(exc)).strip() or type(exc).__name__)
+                    self._cache[key] = hit
+                    self.compiles += 1
+        if isinstance(hit, ValueError):
+            raise hit
+        return hit
+
+    def cached(self, schema: dict[str, Any]) -> bool:
+        """Whether ``schema`` was compiled already (or failed to)."""
+        return json.dumps(schema, separators=(",", ":")) in self._cache
 
     def matcher(self, compiled: Any) -> Any:
         """A fresh ``xgrammar.GrammarMatcher`` for one answer."""

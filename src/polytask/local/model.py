@@ -95,8 +95,14 @@ def convert_gguf(gguf: Path, dest: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write the converted model under {dest.parent} ({type(exc).__name__}: {exc}); set "
+            "POLYTASK_CACHE_DIR to a writable folder"
+        ) from None
     try:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
@@ -162,15 +168,38 @@ def load_model(model: str | os.PathLike[str] | None, *, device: str, dtype: Any)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = resolve_model(model)
-    try:
+    def load(where: str) -> tuple[Any, Any]:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        net = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype)
-    except OSError as exc:
-        raise ModelNotFoundError(
-            where,
-            "polytask never downloads at run time; download it beforehand (`hf download "
-            f"{where}` with network) or pass a local directory ({exc.__class__.__name__}: {str(exc)[:200]})",
-        ) from exc
-    net.to(device).eval()  # type: ignore[arg-type]
+        return AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype), tok
+
+    where = resolve_model(model)
+    converted = model is None or Path(os.fspath(model)).suffix == ".gguf"
+    try:
+        net, tok = load(where)
+    except Exception as exc:
+        if converted:  # a damaged cached conversion (a full disk, a killed copy): converted once more
+            shutil.rmtree(where, ignore_errors=True)
+            where = resolve_model(model)
+            try:
+                net, tok = load(where)
+            except Exception as again:
+                raise ConfigurationError(f"cannot load the converted model in {where}: {_why(again)}") from again
+        elif Path(where).is_dir():
+            raise ConfigurationError(
+                f"cannot load the model in {where}: {_why(exc)} (it needs config.json, the weights and the "
+                "tokenizer files, as save_pretrained writes them)"
+            ) from exc
+        elif not isinstance(exc, OSError):  # found in the hub cache, but transformers cannot load it
+            raise ConfigurationError(f"cannot load the cached hub model {where!r}: {_why(exc)}") from exc
+        else:
+            raise ModelNotFoundError(
+                where,
+                "polytask never downloads at run time; download it beforehand (`hf download "
+                f"{where}` with network) or pass a local directory ({_why(exc)})",
+            ) from exc
+    net.to(device).eval()
     return net, tok
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"

@@ -134,9 +134,9 @@ class CallQueue:
 
     # ---------------------------------------------------------------- engine thread
     def _serve(self) -> None:
-        if self.max_wait and not self._full.is_set():
-            self._full.wait(self.max_wait)  # an idle engine gathers a batch before it starts
         try:
+            if self.max_wait and not self._full.is_set():
+                self._full.wait(self.max_wait)  # an idle engine gathers a batch before it starts
             self.engine.serve(self, max_rows=self.max_rows, grammar_matcher=self.grammar_matcher)
         except BaseException as exc:  # a bug outside a decode step: fail what waits, never hang a caller
             with self._lock:
