@@ -218,7 +218,9 @@ def test_a_complete_answer_ends_without_a_stop_step_even_on_its_last_allowed_tok
     ends = grammars.answer_ends if with_table else None
     assert ends is None or ends[tok.convert_tokens_to_ids("}")]
     engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, answer_ends=ends)
-    reqs = [GenRequest(p, grammar=grammar, max_new_tokens=cap) for p, cap in zip(prompts(tok, 3), (20, 21, 64), strict=True)]
+    reqs = [
+        GenRequest(p, grammar=grammar, max_new_tokens=cap) for p, cap in zip(prompts(tok, 3), (20, 21, 64), strict=True)
+    ]
     for res in engine.generate(reqs, grammar_matcher=grammars.matcher):
         assert res.finish_reason == "stop" and tok.decode(res.token_ids) == '{"label":"positive"}'
         assert res.completion_tokens == 20
