@@ -123,6 +123,35 @@ async def test_learning_sends_one_probe_then_follows_the_headers():
     assert started == [(0, 0.0), (1, 0.0), (2, pytest.approx(1.0))]
 
 
+async def test_a_first_call_that_never_reaches_the_server_hands_the_probe_on():
+    # the first call (the probe) is cancelled while it waits in the limiter: the calls waiting for its answer
+    # must not wait for good; the next one goes as the new probe
+    limiter = RateLimiter(clock=FakeClock(), learn=True)
+    probe = anyio.CancelScope()
+    got = []
+
+    async def first():
+        with probe:
+            await limiter.acquire(10)
+
+    async def second():
+        await limiter.acquire(10)
+        got.append("second")
+
+    with anyio.fail_after(5):  # the old limiter waited for good here
+        async with anyio.create_task_group() as tg:
+            await limiter._lock.acquire()  # held here, so the probe waits for it
+            tg.start_soon(first)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(second)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []  # waiting for the probe's answer
+            probe.cancel()
+            await anyio.wait_all_tasks_blocked()
+            limiter._lock.release()
+    assert probe.cancelled_caught and got == ["second"] and limiter._probing
+
+
 async def test_learned_limits_are_capped_by_configured_ones_and_resync():
     from polytask.backends.base import RateLimitHeaders
 

@@ -573,6 +573,60 @@ async def test_a_closed_backend_stops_the_run_instead_of_failing_every_pair():
     assert set(errors_of(got)) <= {"BackendClosedError", "RunStopped"}
 
 
+async def test_one_documents_call_starts_a_worker_per_pair_not_per_call_slot(monkeypatch):
+    started = []
+    real = pt.Orchestrator._worker
+
+    async def counted(self, receive, job):
+        started.append(1)
+        await real(self, receive, job)
+
+    monkeypatch.setattr(pt.Orchestrator, "_worker", counted)
+    async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()], max_concurrency=10_000) as orch:
+        result = await orch.process("One sentence. Two sentences.")
+        assert not result.partial and len(started) == 2
+        started.clear()
+        results = await orch.run([f"Document {i}." for i in range(300)])
+    assert len(results) == 300 and len(started) == 300  # one per pair, up to 2 × max_concurrency
+
+
+async def test_entering_an_orchestrator_twice_is_a_clear_error():
+    orch = pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()])
+    async with orch:
+        with pytest.raises(RuntimeError, match="already in use"):
+            async with orch:
+                pass
+        assert not (await orch.process("Still works.")).partial
+
+
+async def test_a_segmenter_that_numbers_sentences_wrong_is_named_and_earlier_documents_kept():
+    def segmenter(text, max_chars):
+        out = pt.segment(text, max_chars=max_chars)
+        if "Broken" in text:
+            out = [s.model_copy(update={"index": 0}) for s in out]  # every sentence numbered 0
+        return out
+
+    got = []
+    async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()], segmenter=segmenter) as orch:
+        with pytest.raises(pt.ConfigurationError, match="document 1: the segmenter's sentence 1 is not"):
+            async for r in orch.stream(["Fine. Also fine.", "Broken one. Broken two.", "Never read."]):
+                got.append(r.id)
+    assert got == ["0"]
+
+
+def test_process_from_several_event_loops_and_aclose(simulator):
+    # sync agent code calls asyncio.run(orch.process(...)) per turn: each loop gets its own connections
+    import asyncio
+
+    sim = simulator()
+    orch = pt.Orchestrator(backend(sim), [pt.Sentiment()])
+    for i in range(3):
+        result = asyncio.run(orch.process(f"Turn {i} is fine."))
+        assert not result.partial, result.pairs
+    asyncio.run(orch.aclose())
+    assert sim.stats.received == 3
+
+
 async def test_an_error_in_the_async_with_block_comes_out_as_itself():
     with pytest.raises(ValueError, match="mine"):
         async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()]) as orch:

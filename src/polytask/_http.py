@@ -48,12 +48,17 @@ class AiohttpClient:
     def __init__(self, max_connections: int = 512) -> None:
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            if self._session is not None and not self._session.closed and self._loop is not None:
+                self._session.detach()  # its event loop is gone (asyncio.run per call): its sockets died with it
             connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+            self._loop = loop
         return self._session
 
     async def post(
@@ -77,7 +82,10 @@ class AiohttpClient:
 
     async def aclose(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            if self._loop is asyncio.get_running_loop():
+                await self._session.close()
+            else:  # made in an event loop that has ended: nothing of it can be awaited here
+                self._session.detach()
             self._session = None
 
 

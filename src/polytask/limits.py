@@ -159,6 +159,7 @@ class RateLimiter:
         self.learning = learn and (rpm is None or tpm is None)
         self._heard = anyio.Event()  # set by the first observe(): the server's limits are known (or absent)
         self._probing = False
+        self._wake = anyio.Event()  # set by the first answer, or when the first call left without one
         self._paused_until = -math.inf
         self._lock = anyio.Lock()
 
@@ -195,23 +196,31 @@ class RateLimiter:
                 amount of waiting would do.
         """
         self._check_size(tokens)
-        if self.learning and not self._heard.is_set():
-            if self._probing:
-                await self._heard.wait()
-                self._check_size(tokens)
-            else:
-                self._probing = True  # this call goes first and tells us the limits
-        if not self._lock.locked() and self.wait_time(tokens) <= 0:
-            self._take(tokens)  # the common case: no waiter ahead, capacity now (no scheduling round trip)
-            return Reservation(tokens)
-        async with self._lock:
-            while (wait := self.wait_time(tokens)) > 0:
-                self._check_size(tokens)  # a limit learned while this call waited may have shrunk below it
-                # learned limits change under a waiting call: look again every few seconds (configured ones never do)
-                await self.clock.sleep(min(wait, _RECHECK) if self.learning else wait)
+        probe = False
+        while self.learning and not self._heard.is_set():
+            if not self._probing:
+                self._probing = probe = True  # this call goes first and tells us the limits
+                break
+            await self._wake.wait()
             self._check_size(tokens)
-            self._take(tokens)
-        return Reservation(tokens)
+        try:
+            if not self._lock.locked() and self.wait_time(tokens) <= 0:
+                self._take(tokens)  # the common case: no waiter ahead, capacity now (no scheduling round trip)
+                return Reservation(tokens)
+            async with self._lock:
+                while (wait := self.wait_time(tokens)) > 0:
+                    self._check_size(tokens)  # a limit learned while this call waited may have shrunk below it
+                    # learned limits change under a waiting call: look again every few seconds (configured never do)
+                    await self.clock.sleep(min(wait, _RECHECK) if self.learning else wait)
+                self._check_size(tokens)
+                self._take(tokens)
+            return Reservation(tokens)
+        except BaseException:
+            if probe and not self._heard.is_set():  # it never reached the server: the next waiting call goes
+                self._probing = False
+                wake, self._wake = self._wake, anyio.Event()
+                wake.set()
+            raise
 
     def _check_size(self, tokens: int) -> None:
         if self.tokens and tokens > self.tokens.capacity * (1 - self.headroom):
@@ -238,6 +247,7 @@ class RateLimiter:
         """Keep the buckets in step with one response's ``x-ratelimit-*`` headers (None: the call got no response,
         which still lets waiting calls go on after a failed first call)."""
         self._heard.set()
+        self._wake.set()
         if limits is None or not self.learning:
             if limits is not None:
                 self._sync(limits)

@@ -155,6 +155,23 @@ def _document(item: Any, position: int) -> Document:
     )
 
 
+def _check_sentences(sentences: Any, text: str, position: int) -> None:
+    """A custom segmenter's output: sentences numbered 0, 1, … in order, each ``text[start:end]``.
+
+    Raises:
+        ConfigurationError: naming the document and the first sentence that is not.
+    """
+    if not isinstance(sentences, list):
+        raise ConfigurationError(f"document {position}: the segmenter returned {type(sentences).__name__}, not a list")
+    for i, s in enumerate(sentences):
+        ok = isinstance(s, Sentence) and s.index == i and 0 <= s.start <= s.end <= len(text)
+        if not ok or text[s.start : s.end] != s.text:
+            raise ConfigurationError(
+                f"document {position}: the segmenter's sentence {i} is not Sentence(index={i}, start, end, "
+                f"text=text[start:end]): {s!r}"
+            )
+
+
 async def _aiter(documents: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
     if isinstance(documents, AsyncIterable):
         async for item in documents:
@@ -191,11 +208,15 @@ class Orchestrator:
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
 
-    Use it as an async context manager; ``stream`` needs it, ``run`` and ``process`` work either way::
+    Use it as an async context manager; ``stream`` needs it, ``run`` and ``process`` work either way (without it,
+    ``await orch.aclose()`` at the end closes the backend's connections)::
 
         async with pt.Orchestrator(backend, tasks=[pt.Sentiment(), pt.Entities()]) as orch:
             async for doc in orch.stream(documents):
                 print(doc.id, doc.results["sentiment"].label)
+
+    Leaving an ``async for`` over :meth:`stream` early (``break``) ends the stream's run once the generator is
+    closed: at the end of the ``async with`` block, or at once with ``contextlib.aclosing(orch.stream(...))``.
 
     Raises:
         ConfigurationError: no tasks, duplicate task names, or a bad number.
@@ -274,7 +295,16 @@ class Orchestrator:
         self.close_backend = close_backend
         self._tg: TaskGroup | None = None
 
+    async def aclose(self) -> None:
+        """Close the backend (when ``close_backend``), as the end of ``async with`` does: for an orchestrator used
+        without ``async with`` (``run`` / ``process`` only), so its connections are not left open."""
+        if self.close_backend:
+            with anyio.CancelScope(shield=True):
+                await self.backend.aclose()
+
     async def __aenter__(self) -> Orchestrator:
+        if self._tg is not None:
+            raise RuntimeError("this Orchestrator is already in use by an `async with` block; enter it once")
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -290,9 +320,7 @@ class Orchestrator:
                 return False  # only the block's own error: raise it as itself, not wrapped in a group
             raise
         finally:
-            if self.close_backend:
-                with anyio.CancelScope(shield=True):
-                    await self.backend.aclose()
+            await self.aclose()
 
     # -- public API --------------------------------------------------------------------------------------------
 
@@ -385,18 +413,32 @@ class Orchestrator:
 
     async def _run_job(self, documents: Iterable[Any] | AsyncIterable[Any], job: _Job) -> None:
         send, receive = anyio.create_memory_object_stream[_Pair](self.max_concurrency)
-        async with anyio.create_task_group() as tg:
-            # twice as many workers as call slots: a worker waiting out a retry's backoff holds no slot
-            for _ in range(2 * self.max_concurrency):
+        # twice as many workers as call slots (a worker waiting out a retry's backoff holds no slot), started as
+        # pairs arrive: one document's call (`process`) starts a task per pair, not 2 × max_concurrency
+        most = 2 * self.max_concurrency
+        workers = 0
+
+        def one_more() -> None:
+            nonlocal workers
+            if workers < most:
+                workers += 1
                 tg.start_soon(self._worker, receive.clone(), job)
-            receive.close()
-            async with send:
-                await self._produce(documents, send, job)
+
+        async with anyio.create_task_group() as tg:
+            try:
+                async with send:
+                    await self._produce(documents, send, job, one_more)
+            finally:
+                receive.close()
         if job.fatal is None and job.input_error is not None:
             job.fatal = job.input_error
 
     async def _produce(
-        self, documents: Iterable[Any] | AsyncIterable[Any], send: MemoryObjectSendStream[_Pair], job: _Job
+        self,
+        documents: Iterable[Any] | AsyncIterable[Any],
+        send: MemoryObjectSendStream[_Pair],
+        job: _Job,
+        one_more: Callable[[], None],
     ) -> None:
         position = 0
         items = _aiter(documents)
@@ -405,6 +447,8 @@ class Orchestrator:
                 item = await anext(items)
                 document = _coerce(item, position)
                 sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
+                if self.segmenter is not segment:
+                    _check_sentences(sentences, document.text, position)
             except StopAsyncIteration:
                 break
             except Exception as error:  # the documents taken in so far still finish; then it is raised
@@ -419,6 +463,7 @@ class Orchestrator:
                 continue
             for sentence in sentences:
                 for task in self.tasks:
+                    one_more()  # a worker for this pair (until there are 2 × max_concurrency)
                     await send.send(_Pair(state, sentence, task))
 
     async def _worker(self, receive: MemoryObjectReceiveStream[_Pair], job: _Job) -> None:
