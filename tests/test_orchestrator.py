@@ -627,6 +627,18 @@ def test_process_from_several_event_loops_and_aclose(simulator):
     assert sim.stats.received == 3
 
 
+async def test_a_cut_off_answer_says_how_many_tokens_it_got():
+    from polytask.backends.base import ChatResponse
+
+    def fn(request):  # a backend whose own cap (30) is below the task's max_tokens
+        return ChatResponse(content='{"label": "pos', finish_reason="length", completion_tokens=30)
+
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], learn_limits=False) as orch:
+        result = await orch.process("Cut.")
+    error = result.pairs[0].error
+    assert error.type == "LengthLimitError" and "after 30 tokens (max_tokens=" in error.message
+
+
 async def test_an_error_in_the_async_with_block_comes_out_as_itself():
     with pytest.raises(ValueError, match="mine"):
         async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()]) as orch:

@@ -210,7 +210,8 @@ class Caller:
                 if req.max_tokens < task.max_tokens:
                     full = True  # the learned cap was too small for this answer: not the answer's fault
                     return await attempt()
-                raise LengthLimitError(f"the answer was cut off at max_tokens={req.max_tokens}")
+                after = f"after {response.completion_tokens} tokens " if response.completion_tokens else ""
+                raise LengthLimitError(f"the answer was cut off {after}(max_tokens={req.max_tokens})")
             if response.refusal:
                 raise RefusalError(response.refusal)
             budget.observe(response.completion_tokens)
