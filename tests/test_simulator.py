@@ -445,6 +445,29 @@ def test_fill_schema_nested_enum_array_ref() -> None:
     assert value["n"] == 6 and value["c"] == "x" and isinstance(value["tree"]["kids"], list)
 
 
+def test_fill_schema_honours_patterns_multiples_and_keeps_recursion_short() -> None:
+    from pydantic import BaseModel, Field
+
+    class Tree(BaseModel):
+        name: str
+        children: list[Tree]
+
+    class Form(BaseModel):
+        code: str = Field(pattern=r"^[A-Z]{3}-\d{4}$")
+        choice: str = Field(pattern=r"^(yes|no)$")
+        step: float = Field(ge=0, le=1, multiple_of=0.25)
+        week: int = Field(ge=1, le=100, multiple_of=7)
+        tree: Tree
+
+    schema = Form.model_json_schema()
+    sizes = []
+    for seed in range(100):
+        value = fill_schema(schema, answer_rng(seed, "s"))
+        Form.model_validate(value)  # every answer valid: the pattern, the multiples
+        sizes.append(len(json.dumps(value)))
+    assert max(sizes) < 1000  # recursive trees stay well under a 256-token answer
+
+
 def test_violate_schema_is_valid_json_but_invalid() -> None:
     for model in (Nested, Entities, Score):
         value = violate_schema(model.model_json_schema(), answer_rng(0, "s"))

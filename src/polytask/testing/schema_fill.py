@@ -1,11 +1,13 @@
 """Answers made up from a JSON schema: valid ones for the simulator's replies, invalid ones for re-ask tests.
 
 :func:`fill_schema` walks the schema (``type`` and type lists, ``enum``, ``const``, objects with every
-property, arrays honouring ``minItems`` / ``maxItems``, strings honouring ``minLength`` / ``maxLength``,
-numbers and integers within ``minimum`` / ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum``,
-``anyOf`` / ``oneOf`` / ``allOf``, local ``$ref`` into ``$defs`` / ``definitions``) and draws choices from a
-seeded :class:`random.Random`, so the same (seed, sentence) always gives the same answer. Recursive schemas
-are cut off after a few levels by preferring ``null`` branches and the fewest array items allowed.
+property, arrays honouring ``minItems`` / ``maxItems``, strings honouring ``minLength`` / ``maxLength`` and
+``pattern`` (a string drawn from the regular expression's own parse tree), numbers and integers within ``minimum``
+/ ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum`` and on ``multipleOf``, ``anyOf`` / ``oneOf`` /
+``allOf``, local ``$ref`` into ``$defs`` / ``definitions``) and draws choices from a seeded
+:class:`random.Random`, so the same (seed, sentence) always gives the same answer. Nested arrays get fewer items
+and recursive schemas are cut off after a few levels, by preferring ``null`` branches and the fewest array items
+allowed, so answers stay short.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
+import string
 from collections.abc import Mapping
+from re import _parser as re_parser  # type: ignore[attr-defined]  # the regular-expression parser (3.11+)
 from typing import Any
 
 __all__ = ["answer_rng", "fill_schema", "resolve_ref", "violate_schema"]
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 _MAX_DEPTH = 8
+_SHALLOW = 4  # below this depth arrays get their fewest items and optional branches are left out
 
 
 def answer_rng(seed: int, sentence: str) -> random.Random:
@@ -83,11 +89,93 @@ def _string(node: Mapping[str, Any], rng: random.Random) -> str:
         text = "-".join(f"{rng.getrandbits(b * 4):0{b}x}" for b in (8, 4, 4, 4, 12))
     else:
         text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3)))
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        for _ in range(20):  # JSON Schema patterns are unanchored searches; lengths still apply
+            drawn = _from_pattern(pattern, rng)
+            if drawn is not None and lo <= len(drawn) <= (int(hi) if hi is not None else len(drawn)):
+                return drawn
     while len(text) < lo:
         text += " " + rng.choice(_WORDS)
     if hi is not None:
         text = text[: int(hi)]
     return text
+
+
+_CATEGORIES = {
+    "CATEGORY_DIGIT": string.digits,
+    "CATEGORY_WORD": string.ascii_letters + string.digits + "_",
+    "CATEGORY_SPACE": " ",
+    "CATEGORY_NOT_DIGIT": string.ascii_letters,
+    "CATEGORY_NOT_WORD": " -.",
+    "CATEGORY_NOT_SPACE": string.ascii_letters + string.digits,
+}
+_PRINTABLE = string.ascii_letters + string.digits + " -_.,"
+
+
+def _from_pattern(pattern: str, rng: random.Random) -> str | None:
+    """A string that ``re.search(pattern, ...)`` accepts, drawn from the pattern's parse tree; None if unsure."""
+    try:
+        tree = re_parser.parse(pattern)
+    except (re.error, RecursionError):
+        return None
+    groups: dict[int, str] = {}
+
+    def chars(items: Any) -> str:
+        allowed, negate = [], False
+        for op, av in items:
+            name = str(op)
+            if name == "NEGATE":
+                negate = True
+            elif name == "LITERAL":
+                allowed.append(chr(av))
+            elif name == "RANGE":
+                allowed.extend(chr(c) for c in range(av[0], min(av[1], av[0] + 200) + 1))
+            elif name == "CATEGORY":
+                allowed.extend(_CATEGORIES.get(str(av), ""))
+        if negate:
+            return "".join(c for c in _PRINTABLE if c not in allowed)
+        return "".join(allowed)
+
+    def draw(items: Any) -> str:
+        out = []
+        for op, av in items:
+            name = str(op)
+            if name == "LITERAL":
+                out.append(chr(av))
+            elif name == "NOT_LITERAL":
+                out.append(next(c for c in _PRINTABLE if ord(c) != av))
+            elif name == "ANY":
+                out.append(rng.choice(string.ascii_letters))
+            elif name == "IN":
+                pool = chars(av)
+                if not pool:
+                    raise ValueError
+                out.append(rng.choice(pool))
+            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                lo, hi, sub = av
+                n = rng.randint(lo, max(lo, min(hi, lo + 3)))
+                out.extend(draw(sub) for _ in range(n))
+            elif name == "SUBPATTERN":
+                text = draw(av[-1])
+                if av[0] is not None:
+                    groups[av[0]] = text
+                out.append(text)
+            elif name == "BRANCH":
+                out.append(draw(rng.choice(av[1])))
+            elif name == "GROUPREF":
+                out.append(groups.get(av, ""))
+            elif name in ("AT", "ASSERT", "ASSERT_NOT"):
+                continue  # anchors and look-arounds: the search below checks the result
+            else:
+                raise ValueError
+        return "".join(out)
+
+    try:
+        text = draw(tree)
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    return text if re.search(pattern, text) else None
 
 
 def _number(node: Mapping[str, Any], rng: random.Random, integer: bool) -> int | float:
@@ -115,6 +203,11 @@ def _number(node: Mapping[str, Any], rng: random.Random, integer: bool) -> int |
         elif high is None:
             high = max(low, 100)
         assert low is not None and high is not None
+        step = node.get("multipleOf")
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+            first, last = math.ceil(low / step), math.floor(max(low, high) / step)
+            if first <= last:
+                return rng.randint(first, last) * step
         return rng.randint(low, max(low, high))
     flo = float(lo) if lo is not None else (float(xlo) if xlo is not None else None)
     fhi = float(hi) if hi is not None else (float(xhi) if xhi is not None else None)
@@ -127,6 +220,14 @@ def _number(node: Mapping[str, Any], rng: random.Random, integer: bool) -> int |
         fhi = flo + 1.0
     if fhi < flo:
         fhi = flo
+    step = node.get("multipleOf")
+    if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
+        first, last = math.ceil(flo / step), math.floor(fhi / step)
+        inside = [k for k in (first, last) if (xlo is None or k * step > xlo) and (xhi is None or k * step < xhi)]
+        if first <= last and inside:
+            k = rng.randint(first, last)
+            k = k if (xlo is None or k * step > xlo) and (xhi is None or k * step < xhi) else inside[0]
+            return k * step if isinstance(step, int) else round(k * step, 10)
     value = round(rng.uniform(flo, fhi), 3)
     # stay strictly inside exclusive bounds (and inside inclusive ones after rounding)
     if (xlo is not None and value <= xlo) or (xhi is not None and value >= xhi) or not flo <= value <= fhi:
@@ -163,7 +264,7 @@ def fill_schema(
         if isinstance(options, list) and options:
             resolved = [resolve_ref(o, root) for o in options]
             non_null = [o for o in resolved if _types(o) != ["null"]]
-            if deep and len(non_null) < len(resolved):
+            if _depth >= _SHALLOW and len(non_null) < len(resolved):
                 return None
             pick = rng.choice(non_null or resolved)
             return fill_schema(pick, rng, root=root, _depth=_depth + 1)
@@ -183,7 +284,7 @@ def fill_schema(
     types = _types(node)
     if not types:
         return {} if _depth == 0 else rng.choice(_WORDS)
-    kind = "null" if deep and "null" in types else next((t for t in types if t != "null"), "null")
+    kind = "null" if _depth >= _SHALLOW and "null" in types else next((t for t in types if t != "null"), "null")
     if kind == "null":
         return None
     if kind == "boolean":
@@ -199,7 +300,7 @@ def fill_schema(
         hi = node.get("maxItems")
         prefix = node.get("prefixItems") or []
         top = max(lo, min(int(hi) if hi is not None else lo + 3, lo + 3))
-        count = lo if deep else rng.randint(lo, top)
+        count = lo if deep else rng.randint(lo, top if _depth < _SHALLOW else min(top, lo + 1))
         items = node.get("items")
         out: list[Any] = []
         for i in range(count):
