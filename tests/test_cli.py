@@ -191,6 +191,7 @@ def test_awkward_input_lines_each_get_a_clear_error_and_keep_the_rest(tmp_path):
         (["--simulate-oracle", "/nonexistent/gold.jsonl"], "does not exist"),
         (["--timeout", "inf"], "finite"),
         (["--rpm", "nan"], "finite"),
+        (["--backend", "local", "--rpm", "100", "--simulate"], "--rpm, --simulate do not apply to --backend local"),
     ],
 )
 def test_settings_that_cannot_work_exit_2_without_a_traceback_or_files(tmp_path, args, message):

@@ -317,6 +317,20 @@ def run(
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
     )
+    if backend == "local":
+        given = {
+            "--base-url": base_url,
+            "--rpm": rpm,
+            "--tpm": tpm,
+            "--timeout": timeout != 60.0 or None,
+            "--simulate": simulate or None,
+            "--simulate-oracle": simulate_oracle,
+            "--simulate-faults": simulate_faults or None,
+            "--simulate-latency": simulate_latency or None,
+        }
+        ignored = [name for name, value in given.items() if value is not None]
+        if ignored:
+            _fail(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --backend local")
     try:
         tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
     except PolytaskError as error:
