@@ -141,9 +141,23 @@ async def test_breaker_says_when_it_opens_and_closes(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "circuit open: the server failed 2 calls in a row; calls wait 2 s, then one probe "
         "(last: APIConnectionError: connection refused)",
-        "circuit open: the probe failed; calls wait 4 s, then one probe (last: APIConnectionError: connection refused)",
+        "circuit open: the probe failed, 2 s after it opened; calls wait 4 s, then one probe "
+        "(last: APIConnectionError: connection refused)",
         "circuit closed: the server answers again",
     ]
+
+
+async def test_a_long_outage_is_logged_every_ten_minutes_not_every_probe(caplog):
+    caplog.set_level("WARNING", logger="polytask")
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown=2.0, max_cooldown=60.0, clock=clock)
+    breaker.on_failure(pt.APIConnectionError("refused"))
+    while clock.now() < 3600:  # an hour down: probes every 60 s once the cooldown stops growing
+        probe = await breaker.wait()
+        breaker.on_failure(pt.APIConnectionError("refused"), probe)
+    assert breaker.outage() >= 3600
+    lines = [r.getMessage() for r in caplog.records]
+    assert 10 <= len(lines) <= 14  # opening, 5 growing cooldowns, then one line per 10 minutes (≈ 60 probes)
 
 
 async def test_breaker_probe_that_says_nothing_lets_the_next_one_probe():

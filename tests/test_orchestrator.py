@@ -375,6 +375,7 @@ async def test_circuit_breaker_stops_hammering_a_dead_server():
         clock=clock,
         max_concurrency=4,
         retry=pt.RetryPolicy(attempts=3, wait_initial=0, wait_jitter=0),
+        max_outage=None,  # the breaker alone (the fake clock adds concurrent waits up past 300 s)
     ) as orch:
         results = await orch.run([f"S{i}." for i in range(20)])
     assert all(r.partial for r in results)
@@ -637,6 +638,31 @@ async def test_a_cut_off_answer_says_how_many_tokens_it_got():
         result = await orch.process("Cut.")
     error = result.pairs[0].error
     assert error.type == "LengthLimitError" and "after 30 tokens (max_tokens=" in error.message
+
+
+async def test_a_server_down_for_max_outage_stops_the_run_and_keeps_work():
+    # every call fails: the run stops once the circuit has been open for max_outage (virtual) seconds, instead of
+    # spending each remaining pair's retries one cooldown at a time
+    clock = FakeClock()
+
+    def dead(request):
+        raise pt.ServerError("down", status_code=500)
+
+    backend = pt.FunctionBackend(dead)
+    got = []
+    orch = pt.Orchestrator(backend, [pt.Sentiment()], clock=clock, max_concurrency=4, max_outage=120)
+    async with orch:
+        with pytest.raises(pt.ServerDownError, match=r"failed every call for \d+ s \(max_outage=120 s\); last: "):
+            async for r in orch.stream([f"Doc {i}. Two sentences." for i in range(500)]):
+                got.append(r)
+    assert got and len(got) < 500 and all(r.partial for r in got)
+    assert set(errors_of(got)) <= {"ServerError", "CircuitOpenError", "RunStopped"}
+    assert backend.calls < 100
+
+
+def test_max_outage_is_checked():
+    with pytest.raises(pt.ConfigurationError, match="max_outage"):
+        pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()], max_outage=0)
 
 
 async def test_an_error_in_the_async_with_block_comes_out_as_itself():

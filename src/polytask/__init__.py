@@ -44,6 +44,7 @@ from .exceptions import (
     RefusalError,
     RequestTooLargeError,
     RunStopped,
+    ServerDownError,
     ServerError,
     UnprocessableEntityError,
 )
@@ -113,6 +114,7 @@ __all__ = [
     "RunStopped",
     "Sentence",
     "Sentiment",
+    "ServerDownError",
     "ServerError",
     "Task",
     "TransformersBackend",

@@ -2,7 +2,8 @@
 
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
-(insufficient quota, a rejected API key) or could not start; 130 when interrupted (the documents finished by then
+(insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
+not start; 130 when interrupted (the documents finished by then
 are kept in the partial file it names, or were already printed with ``-o -``).
 """
 
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from .backends.base import Backend
 from .documents import Document, DocumentResult
-from .exceptions import AuthenticationError, PolytaskError, QuotaExceededError
+from .exceptions import AuthenticationError, PolytaskError, QuotaExceededError, ServerDownError
 from .orchestrator import Orchestrator, RunStats
 from .retry import RetryPolicy
 from .tasks import Classify, Entities, Sentiment, Task
@@ -248,7 +249,7 @@ async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bo
                     if result.partial and not allow_partial:
                         code = 1
                     refresh()
-            except (QuotaExceededError, AuthenticationError) as error:
+            except (QuotaExceededError, AuthenticationError, ServerDownError) as error:
                 err.print(f"[red]stopped:[/] {escape(str(error))}", soft_wrap=True)
                 stopped, code = error, 2
             finally:  # also when interrupted: every finished document is written
@@ -289,6 +290,10 @@ def run(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
     attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
+    max_outage: Annotated[
+        float,
+        typer.Option(help="Stop the run after the server failed every call for this many seconds (0: never)."),
+    ] = 300.0,
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
     text_field: Annotated[str, typer.Option(help="Input field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
@@ -313,6 +318,7 @@ def run(
         timeout=timeout,
         concurrency=concurrency,
         attempts=attempts,
+        max_outage=max_outage,
         context=context,
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
@@ -360,6 +366,7 @@ def run(
                 tasks,
                 max_concurrency=concurrency,
                 retry=RetryPolicy(attempts=attempts),
+                max_outage=max_outage or None,
                 context_sentences=context,
             )
         except PolytaskError as error:

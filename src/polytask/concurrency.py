@@ -148,6 +148,8 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._last_cooldown = cooldown
         self._last_error = "unknown"
+        self._down_since: float | None = None  # when the circuit opened after being closed
+        self._next_report = 600.0  # seconds of outage at which a failed probe is logged again
         self._open_until = 0.0
         self._probe_done = anyio.Event()
         self._probing = False
@@ -189,6 +191,7 @@ class CircuitBreaker:
         """A call succeeded (any call: the server answers): close the circuit."""
         if self.state != "closed":
             logger.warning("circuit closed: the server answers again")
+        self._down_since = None
         self.failures = 0
         self._cooldown = self.base_cooldown
         self.state = "closed"
@@ -206,16 +209,34 @@ class CircuitBreaker:
             self._last_cooldown = self._cooldown
             if reopen:
                 self._cooldown = min(self.max_cooldown, self._cooldown * 2)
+            if self._down_since is None:
+                self._down_since = self.clock.now()
             self.state = "open"
             self.opened += 1
             self._open_until = self.clock.now() + self._cooldown
             self._end_probe()
-            logger.warning(  # the one sign a dead or misconfigured server gives before calls start failing
-                "circuit open: %s; calls wait %g s, then one probe (last: %s)",
-                "the probe failed" if reopen else f"the server failed {self.failures} calls in a row",
-                self._cooldown,
-                self._last_error,
-            )
+            down = self.outage()
+            if not reopen or self._cooldown != self._last_cooldown or down >= self._next_report:
+                # the one sign a dead server gives before calls fail: on opening, while the cooldown grows, then
+                # once every 10 minutes
+                self._next_report = (down // 600 + 1) * 600
+                logger.warning(
+                    "circuit open: %s; calls wait %g s, then one probe (last: %s)",
+                    f"the probe failed, {down:.0f} s after it opened"
+                    if reopen
+                    else f"the server failed {self.failures} calls in a row",
+                    self._cooldown,
+                    self._last_error,
+                )
+
+    def outage(self) -> float:
+        """Seconds since the circuit opened with no call succeeding since (0 while closed)."""
+        return 0.0 if self._down_since is None else self.clock.now() - self._down_since
+
+    @property
+    def last_error(self) -> str:
+        """The last failure it was told of, as ``"Type: message"``."""
+        return self._last_error
 
     def on_other(self, probe: int = 0) -> None:
         """A call ended in a way that says nothing about the server's health (cancelled, a 429, a bad answer);

@@ -11,6 +11,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── BackendError                the call did not produce an answer
     │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
     │   ├── CircuitOpenError        held by the open circuit breaker; a probe failed (retried)
+    │   ├── ServerDownError         the server failed everything for ``max_outage`` s: stops the run
     │   ├── APIConnectionError      the connection failed or was reset            (retried)
     │   │   └── APITimeoutError     no answer within the timeout                   (retried)
     │   ├── APIStatusError          the server answered 4xx / 5xx; ``status_code``
@@ -56,6 +57,7 @@ __all__ = [
     "RefusalError",
     "RequestTooLargeError",
     "RunStopped",
+    "ServerDownError",
     "ServerError",
     "UnprocessableEntityError",
 ]
@@ -129,6 +131,12 @@ class APITimeoutError(APIConnectionError):
 class CircuitOpenError(BackendError):
     """Not sent: the server failed the calls before this one and the probe sent after the circuit breaker's cooldown
     (see :class:`~polytask.concurrency.CircuitBreaker`). Retried like a server error, one cooldown later."""
+
+
+class ServerDownError(BackendError):
+    """The server failed every call, and every probe of the circuit breaker, for the orchestrator's ``max_outage``
+    seconds: the run stops (documents taken in are kept, unfinished pairs end ``RunStopped``) instead of turning
+    every remaining pair into an error one cooldown at a time."""
 
 
 class APIStatusError(BackendError):

@@ -9,7 +9,8 @@ One run ("job") is a producer and ``max_concurrency`` workers in an anyio task g
   validated answer or a typed error;
 - the worker that completes a document's last pair merges it and emits it.
 
-A 429 ``insufficient_quota`` or a 401 stops the run: queued pairs, and calls still waiting (a retry's backoff, the
+A 429 ``insufficient_quota``, a 401, or a server that failed everything for ``max_outage`` seconds stops the run:
+queued pairs, and calls still waiting (a retry's backoff, the
 rate limiter) or in flight, end ``RunStopped`` at once; every document already taken in is emitted (partial), and
 then the error is raised. Nothing that was done is lost.
 """
@@ -33,13 +34,18 @@ from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .estimates import PromptEstimator, cached_tiktoken_counter
 from .exceptions import (
+    APIConnectionError,
     AuthenticationError,
     BackendClosedError,
+    CircuitOpenError,
     ConfigurationError,
     InputError,
+    MalformedResponseError,
     PolytaskError,
     QuotaExceededError,
     RunStopped,
+    ServerDownError,
+    ServerError,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
 from .prompts import build_messages
@@ -204,6 +210,9 @@ class Orchestrator:
             attribute if it has one — False for the local backend, whose latency grows with its batch, not with
             overload — else True).
         learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
+        max_outage: seconds the server may fail every call and every circuit-breaker probe before the run stops
+            with :class:`~polytask.ServerDownError` (default 300; None never stops). A dead server otherwise costs
+            each remaining pair its retries, one cooldown (up to 60 s) each: hours for a large job.
         close_backend: close the backend when the ``async with`` block ends (default True).
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
@@ -238,6 +247,7 @@ class Orchestrator:
         temperature: float = 0.0,
         adaptive_concurrency: bool | None = None,
         learn_limits: bool = True,
+        max_outage: float | None = 300.0,
         close_backend: bool = True,
         clock: Clock | None = None,
         segmenter: Callable[..., list[Sentence]] = segment,
@@ -267,6 +277,8 @@ class Orchestrator:
         tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
         check_positive(where_rpm, rpm)  # checked once, named where it came from
         check_positive(where_tpm, tpm)
+        check_positive("max_outage", max_outage)
+        self.max_outage = max_outage
         if limiter is None and (rpm is not None or tpm is not None or learn_limits):
             limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits)
         self.limiter = limiter
@@ -337,8 +349,9 @@ class Orchestrator:
             :class:`DocumentResult`, one per input document.
 
         Raises:
-            QuotaExceededError, AuthenticationError, BackendClosedError: no later call could succeed
-                (``insufficient_quota``, a 401, a closed backend), so the run stops: raised after yielding every
+            QuotaExceededError, AuthenticationError, BackendClosedError, ServerDownError: no later call could
+                succeed (``insufficient_quota``, a 401, a closed backend, a server down for ``max_outage``), so the
+                run stops: raised after yielding every
                 document taken in (their unfinished pairs end ``RunStopped`` at once, also those waiting out a
                 retry's backoff).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
@@ -525,6 +538,15 @@ class Orchestrator:
             error = failure.error
             if isinstance(error, QuotaExceededError | AuthenticationError | BackendClosedError):  # nor could others
                 job.stop(error)
+            elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError):
+                down = self.breaker.outage()
+                if self.max_outage is not None and down >= self.max_outage:
+                    job.stop(
+                        ServerDownError(
+                            f"the server has failed every call for {down:.0f} s (max_outage={self.max_outage:g} s); "
+                            f"last: {self.breaker.last_error}"
+                        )
+                    )
             elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
             return self._failed(pair, error, failure.attempts, failure.reasked)
