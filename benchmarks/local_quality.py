@@ -26,7 +26,8 @@ from polytask.prompts import build_messages
 from polytask.tasks.entities import Entities, EntitiesAnswer, EntityMention
 from polytask.tasks.sentiment import Sentiment
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ewt_dev.jsonl"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ewt_dev.jsonl"
+DATA = SHARED if SHARED.is_file() else Path(__file__).resolve().parents[1] / "examples" / "ewt_dev.jsonl"
 FEWSHOT = [
     (
         "Barack Obama met Angela Merkel in Berlin.",
