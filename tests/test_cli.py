@@ -29,7 +29,7 @@ def test_run_writes_one_line_per_document_in_order(tmp_path):
         if [(s["start"], s["end"]) for s in g["sentences"]] == [(s["start"], s["end"]) for s in r["sentences"]]:
             got = [(e["start"], e["end"], e["label"]) for e in r["results"]["entities"]["entities"]]
             assert got == sorted((e["start"], e["end"], e["label"]) for e in g["entities"])
-    assert "documents written" in result.output
+    assert "lines written" in result.output
 
 
 def test_invalid_lines_keep_their_place_and_fail_the_exit_status(tmp_path):
@@ -288,5 +288,47 @@ def test_output_dash_writes_the_lines_to_stdout_and_nothing_else(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["line"] for r in lines] == [1, 2, 3] and [r["id"] for r in lines] == ["a", None, "b"]
     assert lines[0]["results"]["sentiment"]["coverage"] == 1.0 and "error" in lines[1]
-    assert "documents written" in result.stderr
+    assert "lines written" in result.stderr
     assert not list(Path.cwd().glob(".-.*.partial")) and not Path("-").exists()
+
+
+def test_sigterm_keeps_finished_documents_like_ctrl_c_and_exits_143(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import polytask.cli as cli
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(20)))
+    real = cli._result_record
+    seen = []
+
+    def terminate_after_five(result):  # `kill` arrives while the sixth finished document is handled
+        seen.append(result.id)
+        if len(seen) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(result)
+
+    monkeypatch.setattr(cli, "_result_record", terminate_after_five)
+    monkeypatch.setattr(cli, "_TERMINATED", False)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
+    assert result.exit_code == 143 and "terminated:" in result.output
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert len(kept.read_text().splitlines()) == 5
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+
+
+def test_input_dash_is_stdin_and_dot_dash_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(
+        app,
+        ["run", "-", "-o", "./-", "--simulate", "-t", "sentiment", "--no-progress"],
+        input='{"id": "a", "text": "One."}\n\n{"id": "b", "text": "Two.", "_polytask_x": 1}\n',
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 1, result.output  # the reserved field
+    lines = [json.loads(line) for line in (tmp_path / "-").read_text().splitlines()]
+    assert [(r["id"], r["line"]) for r in lines] == [("a", 1), ("b", 3)]  # the blank line 2 is skipped
+    assert "reserved" in lines[1]["error"]["message"]  # and the readable id is kept

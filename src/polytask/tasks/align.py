@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -57,11 +58,16 @@ def _spaced(ch: str) -> bool:
         return False
     code = ord(ch)
     return not (
-        0x0E00 <= code <= 0x0EFF  # Thai, Lao
+        0x0590 <= code <= 0x08FF  # Hebrew, Arabic, Syriac, Thaana, N'Ko …: prefixes and clitics join the word
+        or 0x0E00 <= code <= 0x0FFF  # Thai, Lao, Tibetan
+        or 0x1000 <= code <= 0x109F  # Myanmar
+        or 0x1780 <= code <= 0x17FF  # Khmer
         or 0x1100 <= code <= 0x11FF  # Hangul jamo
         or 0x2E80 <= code <= 0xA4CF  # CJK radicals … kana … CJK ideographs, Yi
         or 0xAC00 <= code <= 0xD7FF  # Hangul syllables
         or 0xF900 <= code <= 0xFAFF  # CJK compatibility ideographs
+        or 0xFB1D <= code <= 0xFDFF  # Hebrew and Arabic presentation forms
+        or 0xFE70 <= code <= 0xFEFF  # Arabic presentation forms B
         or 0xFF66 <= code <= 0xFFDC  # half-width kana, Hangul
         or code >= 0x20000  # CJK extensions
     )
@@ -74,19 +80,23 @@ def _on_word_boundaries(haystack: str, at: int, end: int) -> bool:
     return not (before or after)
 
 
-def _find(haystack: str, needle: str, start: int, taken: list[tuple[int, int]]) -> int:
-    """The first occurrence of ``needle`` at or after ``start`` that overlaps no span in ``taken`` and lies on
-    word boundaries; else the first that overlaps nothing; else the first at all; -1 when there is none."""
+def _find(haystack: str, needle: str, start: int, taken: list[tuple[int, int]], needed: int = 1) -> int:
+    """Where the next of ``needed`` mentions of ``needle`` lies, at or after ``start``: the first occurrence that
+    overlaps no span in ``taken`` and lies on word boundaries, if there are enough such occurrences for all
+    ``needed`` mentions ("Merkel" twice in "Merkels Politik … Merkel blieb" keeps both, the first inside "Merkels");
+    else the first that overlaps nothing; else the first at all; -1 when there is none."""
     first = at = haystack.find(needle, start)
-    free = -1
+    free: list[int] = []
+    bounded: list[int] = []
     while at >= 0:
         if all(at >= e or at + len(needle) <= s for s, e in taken):
+            free.append(at)
             if _on_word_boundaries(haystack, at, at + len(needle)):
-                return at
-            if free < 0:
-                free = at
+                bounded.append(at)
+                if len(bounded) >= needed:
+                    return bounded[0]
         at = haystack.find(needle, at + 1)
-    return free if free >= 0 else first
+    return free[0] if free else first
 
 
 def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
@@ -104,12 +114,14 @@ def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
     norm_cursor: dict[str, int] = {}
     out: list[Alignment] = []
     taken: list[tuple[int, int]] = []
-    for mention in mentions:
-        text = mention.strip()
+    texts = [m.strip() for m in mentions]
+    left = Counter(texts)  # mentions of each text still to place, this one included
+    for text in texts:
+        left[text] -= 1
         if not text:
             out.append(Alignment(None, None, None))
             continue
-        at = _find(sentence, text, exact_cursor.get(text, 0), taken)
+        at = _find(sentence, text, exact_cursor.get(text, 0), taken, left[text] + 1)
         if at >= 0:
             exact_cursor[text] = at + len(text)
             taken.append((at, at + len(text)))

@@ -44,6 +44,11 @@ def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     ``default`` is kept). ``$defs`` references are kept.
     """
     schema = copy.deepcopy(model.model_json_schema(by_alias=True))
+    ref = schema.get("$ref")
+    defs = schema.get("$defs") or {}
+    if isinstance(ref, str) and ref.startswith("#/$defs/") and ref[8:] in defs:
+        # a recursive model or a RootModel: pydantic's root is a bare $ref; structured outputs want the object itself
+        schema = {**{k: v for k, v in schema.items() if k != "$ref"}, **copy.deepcopy(defs[ref[8:]])}
 
     def walk(node: Any) -> None:
         if not isinstance(node, dict):
@@ -64,6 +69,13 @@ def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     walk(schema)
     return schema
+
+
+def _dump(answer: BaseModel, by_alias: bool) -> str:
+    try:
+        return answer.model_dump_json(by_alias=by_alias, exclude_computed_fields=True)
+    except TypeError:  # pydantic < 2.12 has no exclude_computed_fields
+        return answer.model_dump_json(by_alias=by_alias)
 
 
 class Task(Generic[AnswerT]):
@@ -135,8 +147,10 @@ class Task(Generic[AnswerT]):
         if not (isinstance(example, tuple | list) and len(example) == 2 and isinstance(example[0], str)):
             raise ConfigurationError(f"{where} must be a (sentence, answer) pair, got {example!r}")
         sentence, answer = example
-        try:  # an answer of the model, or a dict / another model with its fields, is checked against the model
-            data = answer.model_dump(by_alias=True) if isinstance(answer, BaseModel) else answer
+        if isinstance(answer, self.answer_model):
+            return sentence, answer  # as given: validated when it was made
+        try:  # a dict (or another model with the same fields) is checked against the model
+            data = answer.model_dump() if isinstance(answer, BaseModel) else answer
             return sentence, self.answer_model.model_validate(data)
         except ValidationError as error:
             model = self.answer_model.__name__
@@ -156,8 +170,16 @@ class Task(Generic[AnswerT]):
         return self.answer_model.model_validate_json(content)
 
     def dump_answer(self, answer: AnswerT) -> str:
-        """An answer as compact JSON, by alias (for few-shot examples): the keys the schema asks for."""
-        return answer.model_dump_json(by_alias=True)
+        """An answer as compact JSON for few-shot examples: by alias, as the schema names the keys, without computed
+        fields (an answer does not hold them); by field name when only that form validates."""
+        for by_alias in (True, False):
+            text = _dump(answer, by_alias)
+            try:
+                type(answer).model_validate_json(text)
+                return text
+            except ValidationError:
+                continue
+        return _dump(answer, True)
 
     def postprocess(self, document_text: str, sentence: Sentence, answer: AnswerT) -> Any:
         """Turn a validated answer into the per-sentence result kept in :class:`~polytask.PairResult` (default:
