@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import polytask as pt
 from polytask.cli import app, parse_task
 
 DATA = Path(__file__).parent / "data"
@@ -332,3 +333,24 @@ def test_input_dash_is_stdin_and_dot_dash_is_a_file(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (tmp_path / "-").read_text().splitlines()]
     assert [(r["id"], r["line"]) for r in lines] == [("a", 1), ("b", 3)]  # the blank line 2 is skipped
     assert "reserved" in lines[1]["error"]["message"]  # and the readable id is kept
+
+
+@pytest.mark.parametrize(("max_outage", "code"), [("300", 2), ("0", 1)])
+def test_a_server_down_for_max_outage_exits_2_and_0_never_stops(tmp_path, monkeypatch, max_outage, code):
+    import polytask.cli as cli
+    from polytask.backends.function import FunctionBackend
+    from polytask.concurrency import CircuitBreaker
+
+    def dead(request):
+        raise pt.ServerError("boom", status_code=500)
+
+    monkeypatch.setattr(cli, "_make_backend", lambda *args: FunctionBackend(dead))
+    monkeypatch.setattr(CircuitBreaker, "outage", lambda self: 1000.0)  # down for 1,000 s already
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(5)))
+    out = tmp_path / "out.jsonl"
+    args = ["-t", "sentiment", "--concurrency", "1", "--attempts", "1", "--max-outage", max_outage]
+    result = run_cli(source, "-o", out, *args)
+    assert result.exit_code == code, result.output
+    assert ("stopped:" in result.output and "failed every call" in result.output) == (code == 2)
+    assert len(out.read_text().splitlines()) == 5  # every line written, stopped or not

@@ -182,7 +182,7 @@ async def test_falls_back_to_json_object_then_prompt_only(backend_for):
     await backend.complete(REQUEST)
     await backend.complete(REQUEST)
     assert formats == ["json_schema", "json_object", None, None]
-    assert backend.modes == {REQUEST.schema_name: "none"}
+    assert backend.fallbacks == {REQUEST.schema_name: "none"}
 
 
 async def test_one_rejected_schema_falls_back_alone(backend_for, caplog):
@@ -204,7 +204,7 @@ async def test_one_rejected_schema_falls_back_alone(backend_for, caplog):
     await backend.complete(dataclasses.replace(REQUEST, schema_name="counts"))
     name = REQUEST.schema_name
     assert sent == [("counts", "json_schema"), (None, "json_object"), (name, "json_schema"), (None, "json_object")]
-    assert backend.modes == {"counts": "json_object"}
+    assert backend.fallbacks == {"counts": "json_object"}
     assert ["'counts'" in r.getMessage() and "JSON mode" in r.getMessage() for r in caplog.records] == [True]
 
 
@@ -212,7 +212,7 @@ async def test_unrelated_400_does_not_fall_back(backend_for):
     backend = backend_for(lambda r: httpx2.Response(400, json=error_body("context length exceeded")))
     with pytest.raises(pt.BadRequestError):
         await backend.complete(REQUEST)
-    assert backend.mode == "json_schema" and backend.modes == {}
+    assert backend.mode == "json_schema" and backend.fallbacks == {}
 
 
 def test_missing_api_key_is_a_clear_error(monkeypatch):
@@ -276,9 +276,11 @@ async def test_a_closed_backend_opens_new_connections_when_used_again(simulator,
     assert sim.stats.received == 2
 
 
-async def test_a_closed_client_of_yours_is_a_typed_error(backend_for):
+async def test_your_client_stays_open_and_a_closed_one_is_a_typed_error(backend_for):
     backend = backend_for(lambda r: httpx2.Response(200, json=completion()))
     await backend.complete(REQUEST)
-    await backend.aclose()
+    await backend.aclose()  # e.g. at the end of an Orchestrator's `async with`: your client is yours to close
+    assert (await backend.complete(REQUEST)).content
+    await backend._lean.client.aclose() if backend._lean is not None else await backend._sdk.close()
     with pytest.raises(pt.BackendClosedError, match="http_client given to the backend is closed"):
         await backend.complete(REQUEST)

@@ -8,6 +8,7 @@ import anyio.lowlevel
 import pytest
 
 import polytask as pt
+import polytask._http
 from polytask.testing.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -227,7 +228,7 @@ async def test_json_schema_unsupported_server_falls_back(simulator):
     sim = simulator(supports_json_schema=False)
     async with orchestrator(sim, tasks=[pt.Sentiment()]) as orch:
         result = await orch.process("Works anyway.")
-    assert not result.partial and orch.backend.modes == {"sentiment": "json_object"}
+    assert not result.partial and orch.backend.fallbacks == {"sentiment": "json_object"}
 
 
 async def test_client_limiter_keeps_under_server_rpm_without_429s(simulator):
@@ -625,8 +626,20 @@ def test_process_from_several_event_loops_and_aclose(simulator, http):
     for i in range(3):
         result = asyncio.run(orch.process(f"Turn {i} is fine."))
         assert not result.partial, result.pairs
-    asyncio.run(orch.aclose())
-    assert sim.stats.received == 3
+    asyncio.run(orch.aclose())  # from yet another loop: lets go of the old connections, never raises
+
+    async def last_turn():
+        result = await orch.process("Last turn.")
+        await orch.aclose()
+        return result
+
+    assert not asyncio.run(last_turn()).partial and sim.stats.received == 4
+    lean = orch.backend._lean
+    if isinstance(lean, polytask._http.AiohttpClient):
+        assert lean._session is None  # closed by aclose()
+    else:
+        client = lean.client if lean is not None else orch.backend._sdk._client
+        assert client.is_closed
 
 
 async def test_a_cut_off_answer_says_how_many_tokens_it_got():
@@ -651,7 +664,8 @@ async def test_a_server_down_for_max_outage_stops_the_run_and_keeps_work():
 
     backend = pt.FunctionBackend(dead)
     got = []
-    orch = pt.Orchestrator(backend, [pt.Sentiment()], clock=clock, max_concurrency=4, max_outage=120)
+    retry = pt.RetryPolicy(attempts=10)  # long retries: the stop must not wait for a pair to spend them
+    orch = pt.Orchestrator(backend, [pt.Sentiment()], clock=clock, max_concurrency=4, max_outage=120, retry=retry)
     async with orch:
         with pytest.raises(pt.ServerDownError, match=r"failed every call for \d+ s \(max_outage=120 s\); last: "):
             async for r in orch.stream([f"Doc {i}. Two sentences." for i in range(500)]):
@@ -659,6 +673,21 @@ async def test_a_server_down_for_max_outage_stops_the_run_and_keeps_work():
     assert got and len(got) < 500 and all(r.partial for r in got)
     assert set(errors_of(got)) <= {"ServerError", "CircuitOpenError", "RunStopped"}
     assert backend.calls < 100
+    assert orch.breaker.outage() <= 120 + 60  # at most one probe cooldown past max_outage
+
+
+async def test_run_that_stops_hands_back_what_it_finished():
+    def fn(request):
+        if "Bad" in request.messages[-1]["content"]:
+            raise pt.AuthenticationError("invalid api key", status_code=401)
+        return {"label": "neutral", "score": 0.0}
+
+    backend = pt.FunctionBackend(fn)
+    async with pt.Orchestrator(backend, [pt.Sentiment()], max_concurrency=1, learn_limits=False) as orch:
+        with pytest.raises(pt.AuthenticationError) as info:
+            await orch.run(["Good one.", "Good two.", "Bad three.", "Never four."])
+    kept = info.value.results
+    assert [r.id for r in kept][:3] == ["0", "1", "2"] and not kept[0].partial and kept[2].partial
 
 
 def test_max_outage_is_checked():

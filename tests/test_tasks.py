@@ -174,6 +174,7 @@ def test_classify_single_and_multi():
         (["Billing", "billing "], "differ only in"),
         (["café", "cafe\u0301"], "differ only in"),  # NFC and NFD of the same word
         ("ab", "a list of labels"),
+        ({"a", "b"}, "a list of labels"),  # a set has no stable order
         ([["a"], "b"], "non-blank strings"),
     ],
 )
@@ -266,6 +267,52 @@ def test_an_answer_model_without_a_json_schema_fails_when_built():
 
     with pytest.raises(ConfigurationError, match="no JSON schema for Hook"):
         Task("hook", Hook, "x")
+
+
+def test_recursive_and_root_models_get_an_object_schema():
+    from pydantic import RootModel
+
+    from polytask.prompts import build_messages
+
+    class Node(BaseModel):
+        name: str
+        children: list["Node"]
+
+    class Inner(BaseModel):
+        x: int
+
+    tree = Task("tree", Node, "The tree.", examples=[("a(b)", Node(name="a", children=[Node(name="b", children=[])]))])
+    schema = tree.json_schema()
+    assert schema["type"] == "object" and "$ref" not in schema and schema["required"] == ["name", "children"]
+    assert schema["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}  # the recursion still resolves
+    assert tree.parse('{"name":"a","children":[{"name":"b","children":[]}]}').children[0].name == "b"
+    assert [m["content"] for m in build_messages(tree, "x") if m["role"] == "assistant"] == [
+        '{"name":"a","children":[{"name":"b","children":[]}]}'
+    ]
+    assert Task("root", RootModel[Inner], "x").json_schema()["properties"] == {"x": {"title": "X", "type": "integer"}}
+
+
+def test_examples_are_kept_as_given_and_shown_without_computed_fields():
+    from pydantic import ConfigDict, computed_field, field_validator
+
+    class Tags(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        tags: list[str]
+
+        @field_validator("tags")
+        @classmethod
+        def hashed(cls, v: list[str]) -> list[str]:
+            return ["#" + t.lstrip("#") for t in v]
+
+        @computed_field  # type: ignore[prop-decorator]
+        @property
+        def count(self) -> int:
+            return len(self.tags)
+
+    example = Tags(tags=["a"])
+    task = Task("tags", Tags, "Tag it.", examples=[("s", example)])
+    assert task.examples[0][1] is example  # not rebuilt (a validator would run again)
+    assert task.dump_answer(example) == '{"tags":["#a"]}'  # no "count": an answer cannot hold it
 
 
 def test_a_dict_example_is_checked_and_kept_as_the_model():

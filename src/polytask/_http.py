@@ -154,7 +154,8 @@ class Httpx2Client:
         return self._loop is not None and loop is not None and self._loop is not loop
 
     async def aclose(self) -> None:
-        if not self.loop_changed:  # a client of an ended loop cannot be closed from another
+        """Close the client if it is its own (yours stays open: you close it) and of the running event loop."""
+        if self.owned and not self.loop_changed:  # a client of an ended loop cannot be closed from another
             await self.client.aclose()
 
 

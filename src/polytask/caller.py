@@ -116,8 +116,10 @@ class Caller:
         usage: Usage,
         label: str,
         on_attempt: Callable[[], None] | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
     ) -> Answer:
-        """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent.
+        """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent,
+        ``on_retry`` with the error of each failed attempt that will be retried.
 
         Raises:
             AskError: wrapping the polytask error the question ended with, and the attempts made.
@@ -132,14 +134,14 @@ class Caller:
                 on_attempt()
 
         try:
-            response = await self._call(task, messages, usage, count, label)
+            response = await self._call(task, messages, usage, count, label, on_retry)
             try:
                 value = task.parse(response.content or "")
             except ValidationError as error:
                 reasked = True
                 self.stats.reasks += 1
                 again = reask_messages(messages, response.content or "", _short(error))
-                response = await self._call(task, again, usage, count, label)
+                response = await self._call(task, again, usage, count, label, on_retry)
                 try:
                     value = task.parse(response.content or "")
                 except ValidationError as error2:
@@ -151,7 +153,13 @@ class Caller:
         return Answer(value, attempts, reasked)
 
     async def _call(
-        self, task: Task[Any], messages: list[Message], usage: Usage, count: Callable[[], None], label: str
+        self,
+        task: Task[Any],
+        messages: list[Message],
+        usage: Usage,
+        count: Callable[[], None],
+        label: str,
+        retrying: Callable[[BaseException], None] | None = None,
     ) -> ChatResponse:
         raw = self.estimator.raw(messages)
         budget = self.budget(task)
@@ -220,6 +228,8 @@ class Caller:
         def on_retry(error: BaseException, wait: float) -> None:
             self.stats.retries += 1
             logger.debug("retrying %s/%s in %.2fs after %s: %s", label, task.name, wait, type(error).__name__, error)
+            if retrying is not None:
+                retrying(error)
 
         return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry, now=self.clock.now)
 

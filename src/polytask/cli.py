@@ -4,7 +4,8 @@ Exit status of ``run``: 0 when every document succeeded; 1 when any document is 
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
 (insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
 not start; 130 when interrupted (143 on SIGTERM; the documents
-finished by then are kept in the partial file it names, or were already printed with ``-o -``).
+finished by then are kept in the partial file it names, or were already printed with ``-o -``); 141 when the reader
+of ``-o -`` went away.
 """
 
 from __future__ import annotations
@@ -358,6 +359,8 @@ def run(
             _fail(f"the output folder {out_path.parent} does not exist")
     if simulate_oracle is not None and not simulate_oracle.is_file():
         _fail(f"the simulator's gold file {simulate_oracle} does not exist")
+    global _TERMINATED
+    _TERMINATED = False
     _show_warnings()
     stack = contextlib.ExitStack()
     with stack:
@@ -368,7 +371,11 @@ def run(
 
             config = _simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
             base_url = stack.enter_context(run_in_thread(config)).base_url
-        the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)
+        try:
+            the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)  # a local model loads here
+        except KeyboardInterrupt:
+            err.print(f"[red]{'terminated' if _TERMINATED else 'interrupted'}:[/] nothing was written", soft_wrap=True)
+            raise typer.Exit(143 if _TERMINATED else 130) from None
         try:
             orch = Orchestrator(
                 the_backend,
@@ -388,6 +395,11 @@ def run(
             except BaseException as error:
                 if _interrupted(error):
                     raise typer.Exit(143 if _TERMINATED else 130) from None
+                if isinstance(error, BrokenPipeError) or (
+                    isinstance(error, BaseExceptionGroup) and error.subgroup(BrokenPipeError) is not None
+                ):  # the reader went away (`| head`): stop quietly, as Unix tools do on SIGPIPE
+                    sys.stdout = open(os.devnull, "w")  # Python flushes stdout at exit: not into the closed pipe
+                    raise typer.Exit(141) from None
                 raise
             raise typer.Exit(code)
         # written beside OUTPUT and renamed over it at the end: an earlier OUTPUT survives a run that does not finish

@@ -17,6 +17,7 @@ then the error is raised. Nothing that was done is lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -405,7 +406,12 @@ class Orchestrator:
             scope.cancel()
 
     async def run(self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput]) -> list[DocumentResult]:
-        """Every document's result, in input order. Raises as :meth:`stream` does."""
+        """Every document's result, in input order.
+
+        Raises:
+            As :meth:`stream` does; the error then carries the documents finished before it, in input order, as its
+            ``results`` attribute (a stopped run loses nothing that was done).
+        """
         send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](math.inf)
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
         results: dict[int, DocumentResult] = {}
@@ -414,9 +420,12 @@ class Orchestrator:
             send.close()
             async for position, result in receive:
                 results[position] = result
+        done = [results[i] for i in sorted(results)]
         if job.fatal is not None:
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__ cannot carry them
+                job.fatal.results = done  # type: ignore[attr-defined]
             raise job.fatal
-        return [results[i] for i in sorted(results)]
+        return done
 
     async def process(self, document: DocumentInput) -> DocumentResult:
         """One document's result. Cancellation-safe: cancelling the caller cancels its calls and nothing else."""
@@ -498,6 +507,22 @@ class Orchestrator:
                 if len(state.pairs) == state.total:
                     await self._finish(state, job)
 
+    def _check_outage(self, error: BaseException, job: _Job) -> None:
+        """After a failed attempt (or a pair's last one): stop the job once the server has failed every call and
+        probe for ``max_outage`` seconds."""
+        if self.max_outage is None or job.fatal is not None:
+            return
+        if not isinstance(error, ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError):
+            return
+        down = self.breaker.outage()
+        if down >= self.max_outage:
+            job.stop(
+                ServerDownError(
+                    f"the server has failed every call for {down:.0f} s (max_outage={self.max_outage:g} s); "
+                    f"last: {self.breaker.last_error}"
+                )
+            )
+
     def _failed(self, pair: _Pair, error: BaseException, attempts: int, reasked: bool = False) -> PairResult:
         return PairResult(
             sentence=pair.sentence.index,
@@ -523,11 +548,16 @@ class Orchestrator:
             nonlocal attempts
             attempts += 1
 
+        def outage(error: BaseException) -> None:  # each failed attempt: has the server been down too long?
+            self._check_outage(error, job)
+
         try:
             with anyio.CancelScope() as scope:
                 job.calls.add(scope)
                 try:
-                    answer = await self.caller.ask(task, messages, state.usage, state.document.id, on_attempt=count)
+                    answer = await self.caller.ask(
+                        task, messages, state.usage, state.document.id, on_attempt=count, on_retry=outage
+                    )
                 finally:
                     job.calls.discard(scope)
             if scope.cancelled_caught:  # the run stopped while this call was waiting or in flight
@@ -538,17 +568,10 @@ class Orchestrator:
             error = failure.error
             if isinstance(error, QuotaExceededError | AuthenticationError | BackendClosedError):  # nor could others
                 job.stop(error)
-            elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError):
-                down = self.breaker.outage()
-                if self.max_outage is not None and down >= self.max_outage:
-                    job.stop(
-                        ServerDownError(
-                            f"the server has failed every call for {down:.0f} s (max_outage={self.max_outage:g} s); "
-                            f"last: {self.breaker.last_error}"
-                        )
-                    )
             elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
+            else:
+                self._check_outage(error, job)
             return self._failed(pair, error, failure.attempts, failure.reasked)
         except Exception as error:  # a task's postprocess failed: the pair ends as a typed error all the same
             logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)

@@ -57,8 +57,8 @@ class OpenAIBackend:
         structured_outputs: ``"json_schema"`` (strict structured outputs; default), ``"json_object"`` (JSON mode,
             schema in the prompt) or ``"none"`` (schema in the prompt). When the server rejects a task's schema or
             the mode with a 400 that names ``response_format``, that task (its schema name) falls back to the next
-            mode for the rest of the run, with a warning; the other tasks keep theirs (``modes`` holds the
-            fallbacks).
+            mode for the rest of the run, with a warning; the other tasks keep theirs. ``backend.mode`` stays the
+            configured mode; ``backend.fallbacks`` maps each schema name that fell back to its mode now.
         max_tokens_param: the request field for the completion cap: ``"max_completion_tokens"`` (OpenAI's current
             name) or ``"max_tokens"`` (older servers).
         http: ``"aiohttp"`` (default, fastest), ``"httpx2"``, or ``"sdk"`` (through ``openai.AsyncOpenAI``).
@@ -69,8 +69,8 @@ class OpenAIBackend:
             ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID``, as the openai SDK reads them.
         extra_body: extra JSON fields sent with every request.
 
-    ``aclose()`` closes its connections; used again, it opens new ones (a closed ``http_client`` of yours raises
-    :class:`~polytask.BackendClosedError` instead).
+    ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
+    is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
 
     Raises:
         ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http``, or a bad number (the message
@@ -121,7 +121,7 @@ class OpenAIBackend:
         self.tpm = tpm
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
-        self.modes: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
+        self.fallbacks: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
         self.max_tokens_param = max_tokens_param
         self.http: HTTPMode = http
         self.timeout = timeout
@@ -167,7 +167,8 @@ class OpenAIBackend:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r})"
 
     async def aclose(self) -> None:
-        if self._sdk is not None and not self._transport.loop_changed:
+        """Close the connections it opened (an ``http_client`` you passed in stays open: yours to close)."""
+        if self._sdk is not None and self._transport.owned and not self._transport.loop_changed:
             await self._sdk.close()
         if self._lean is not None:
             await self._lean.aclose()
@@ -176,15 +177,15 @@ class OpenAIBackend:
         """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai or HTTP one); never retries."""
         name = request.schema_name
         while True:
-            mode = self.modes.get(name, self.mode)
+            mode = self.fallbacks.get(name, self.mode)
             try:
                 return await self._complete(request, mode)
             except exc.BadRequestError as error:
                 fallback = _FALLBACK.get(mode)
                 if fallback is None or "response_format" not in str(error):
                     raise
-                if self.modes.get(name, self.mode) == mode:  # another call may have fallen back already
-                    self.modes[name] = fallback
+                if self.fallbacks.get(name, self.mode) == mode:  # another call may have fallen back already
+                    self.fallbacks[name] = fallback
                     logger.warning(
                         "the server refused %s structured outputs for %r (%s); sending its schema %s for the rest "
                         "of the run",

@@ -296,7 +296,9 @@ class TransformersBackend:
         if isinstance(outcome, BaseException):
             return outcome if isinstance(outcome, PolytaskError) else _translate(outcome)
         if outcome.finish_reason == "cancelled":
-            return BackendError("the call was cancelled (or the backend closed) before its answer was done")
+            if self._closed:
+                return BackendClosedError(f"{self.name}: the backend was closed before this call's answer was done")
+            return BackendError("the call was cancelled before its answer was done")
         return ChatResponse(
             content=self.tokenizer.decode(outcome.token_ids, skip_special_tokens=True),
             finish_reason=outcome.finish_reason,
@@ -306,13 +308,13 @@ class TransformersBackend:
         )
 
     async def aclose(self) -> None:
-        """Stop the engine (calls still waiting get :class:`~polytask.exceptions.BackendError`; calls being decoded
-        are cancelled) and drop the model and its caches (frees GPU memory)."""
+        """Stop the engine (calls still waiting or being decoded get :class:`~polytask.BackendClosedError`, which
+        stops an orchestrator's run) and drop the model and its caches (frees GPU memory)."""
         engine = getattr(self, "engine", None)
         if engine is None:
             return
         self._closed = True
-        thread = self._queue.close(BackendError(f"{self.name}: the backend was closed before this call ran"))
+        thread = self._queue.close(BackendClosedError(f"{self.name}: the backend was closed before this call ran"))
         if thread is not None:
             await anyio.to_thread.run_sync(thread.join)
         engine._buckets.clear()

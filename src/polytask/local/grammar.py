@@ -56,6 +56,7 @@ class GrammarCache:
         """Per token id: whether its text holds a ``}`` or ``]``, so it can end a JSON answer
         (:class:`~polytask.local.engine.Engine`'s ``answer_ends``)."""
         self._cache: dict[str, Any] = {}
+        self._keys: dict[int, tuple[dict[str, Any], str]] = {}  # id(schema) → (schema, key); the schema kept alive
         self._lock = threading.Lock()
         self.compiles = 0
         """How many schemas were compiled (for tests: each schema once)."""
@@ -70,7 +71,7 @@ class GrammarCache:
         Raises:
             ValueError: the schema cannot be compiled (xgrammar's reason, without its log prefix).
         """
-        key = json.dumps(schema, separators=(",", ":"))  # property order matters: it is the answer's order
+        key = self._key(schema)
         hit = self._cache.get(key)
         if hit is None:
             with self._lock:
@@ -93,7 +94,19 @@ class GrammarCache:
 
     def cached(self, schema: dict[str, Any]) -> bool:
         """Whether ``schema`` was compiled already (or failed to)."""
-        return json.dumps(schema, separators=(",", ":")) in self._cache
+        return self._key(schema) in self._cache
+
+    def _key(self, schema: dict[str, Any]) -> str:
+        """The schema's canonical JSON text (property order matters: it is the answer's order), remembered per
+        schema object: a task passes the same dict with every call, and a 10,000-label enum is slow to serialise."""
+        seen = self._keys.get(id(schema))
+        if seen is not None and seen[0] is schema:
+            return seen[1]
+        key = json.dumps(schema, separators=(",", ":"))
+        if len(self._keys) >= 1024:  # callers that build a new dict per call: keep the memo small
+            self._keys.clear()
+        self._keys[id(schema)] = (schema, key)
+        return key
 
     def matcher(self, compiled: Any) -> Any:
         """A fresh ``xgrammar.GrammarMatcher`` for one answer."""

@@ -165,7 +165,7 @@ def load_model(model: str | os.PathLike[str] | None, *, device: str, dtype: Any)
     try:
         net, tok = load(where)
     except Exception as exc:
-        if converted:  # a damaged cached conversion (a full disk, a killed copy): converted once more
+        if converted and _damaged(exc):  # a damaged cached conversion (a full disk, a killed copy): converted again
             shutil.rmtree(where, ignore_errors=True)
             where = resolve_model(model)
             try:
@@ -187,6 +187,13 @@ def load_model(model: str | os.PathLike[str] | None, *, device: str, dtype: Any)
             ) from exc
     net.to(device).eval()
     return net, tok
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether loading failed on the files themselves (truncated, unreadable, not JSON), not on memory or a device."""
+    if "out of memory" in str(exc).lower():
+        return False
+    return isinstance(exc, OSError | ValueError | EOFError) or "safetensor" in type(exc).__name__.lower()
 
 
 def _why(exc: BaseException) -> str:

@@ -8,9 +8,12 @@ Rules, in order, for each entity (in the model's order):
 
 Repeated mentions of the same text take successive occurrences left to right, preferring an occurrence that does
 not overlap a mention aligned before it (so "New Orleans" after "New Orleans Habitat" lands on its own occurrence,
-not inside the longer name) and then one on word boundaries (so "US" lands on "US", not inside an earlier "USB";
-scripts written without spaces, such as Chinese, Japanese and Thai, have no word boundaries to check). An entity
-found by neither rule is returned unaligned (offsets None), never dropped and never placed at an invented position.
+not inside the longer name) and then one on word boundaries, when there are enough of those for every mention of
+that text (so "US" lands on "US", not inside an earlier "USB", while "Merkel" twice in "Merkels Politik … Merkel
+blieb" keeps both). No word boundaries are checked in scripts written without spaces (Chinese, Japanese, Korean,
+Thai, Lao, Khmer, Myanmar, Tibetan) or whose prefixes and clitics join the word (Hebrew, Arabic, Syriac, Thaana).
+An entity found by neither rule is returned unaligned (offsets None), never dropped and never placed at an invented
+position.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def _normalize(text: str) -> tuple[str, list[int]]:
 
 
 def _spaced(ch: str) -> bool:
-    """A letter or digit of a script that separates words with spaces (not CJK, kana, Hangul or Thai, where a
-    name runs straight into the next word)."""
+    """A letter or digit of a script whose words a name's edges can be checked against: not one written without
+    spaces (CJK, kana, Hangul, Thai, Lao, Khmer, Myanmar, Tibetan) or whose prefixes and clitics join the word
+    (Hebrew, Arabic, Syriac, Thaana)."""
     if not ch.isalnum():
         return False
     code = ord(ch)

@@ -127,8 +127,8 @@ class Task(Generic[AnswerT]):
         self.max_tokens = max_tokens
         self._merge = merge
         self._schema: dict[str, Any] | None = None
-        try:
-            schema = self.json_schema()
+        try:  # the model's own schema (a subclass's json_schema() may need what its __init__ sets afterwards)
+            schema = strict_json_schema(answer)
         except Exception as error:  # e.g. a Callable field: pydantic cannot describe it
             raise ConfigurationError(
                 f"task {name!r}: no JSON schema for {answer.__name__}: {type(error).__name__}: {error}"

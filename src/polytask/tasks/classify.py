@@ -56,7 +56,7 @@ class Classify(Task[BaseModel]):
         instruction: str | None = None,
         max_tokens: int | None = None,
     ) -> None:
-        if isinstance(labels, str | bytes) or not isinstance(labels, Sequence | set | frozenset):
+        if isinstance(labels, str | bytes) or not isinstance(labels, Sequence):  # a set: no stable order
             raise ConfigurationError(f"Classify needs a list of labels, got {labels!r}")
         labels = list(labels)
         bad = [x for x in labels if not isinstance(x, str) or not x.strip()]
