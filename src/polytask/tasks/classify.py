@@ -83,7 +83,7 @@ class Classify(Task[BaseModel]):
             default = "Give the one label that best fits the sentence."
         if max_tokens is None:
             sizes = [len(json.dumps(label, ensure_ascii=False).encode()) for label in labels]
-            max_tokens = 16 + (sum(sizes) + len(sizes) if multi_label else max(sizes))
+            max_tokens = 24 + (sum(sizes) + len(sizes) if multi_label else max(sizes))  # room for a code fence
         super().__init__(
             name,
             answer,
