@@ -284,3 +284,10 @@ async def test_your_client_stays_open_and_a_closed_one_is_a_typed_error(backend_
     await backend._lean.client.aclose() if backend._lean is not None else await backend._sdk.close()
     with pytest.raises(pt.BackendClosedError, match="http_client given to the backend is closed"):
         await backend.complete(REQUEST)
+
+
+@pytest.mark.parametrize("body", [[], "x", None])
+async def test_a_200_that_is_not_a_json_object_is_malformed(backend_for, body):
+    backend = backend_for(lambda r: httpx2.Response(200, json=body))
+    with pytest.raises(pt.MalformedResponseError):
+        await backend.complete(REQUEST)

@@ -688,6 +688,29 @@ async def test_run_that_stops_hands_back_what_it_finished():
             await orch.run(["Good one.", "Good two.", "Bad three.", "Never four."])
     kept = info.value.results
     assert [r.id for r in kept][:3] == ["0", "1", "2"] and not kept[0].partial and kept[2].partial
+    assert info.value.status_code == 401 and "invalid api key" in str(info.value)  # the error as it was raised
+
+
+async def test_two_runs_stopped_by_one_error_object_each_get_their_own_results():
+    shared = pt.QuotaExceededError("quota", status_code=429, code="insufficient_quota")
+
+    def fn(request):
+        if "Stop" in request.messages[-1]["content"]:
+            raise shared
+        return {"label": "neutral", "score": 0.0}
+
+    async def one(orch, name, got):
+        try:
+            await orch.run([f"{name} fine.", "Stop here."])
+        except pt.QuotaExceededError as error:
+            got[name] = [r.text for r in error.results]
+
+    got: dict = {}
+    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], learn_limits=False) as orch:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, orch, "A", got)
+            tg.start_soon(one, orch, "B", got)
+    assert got["A"][0] == "A fine." and got["B"][0] == "B fine."
 
 
 def test_max_outage_is_checked():

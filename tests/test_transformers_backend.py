@@ -570,3 +570,22 @@ def test_an_unwritable_cache_names_polytask_cache_dir(tmp_path, monkeypatch) -> 
     gguf.write_bytes(b"GGUF")
     with pytest.raises(ConfigurationError, match="POLYTASK_CACHE_DIR"):
         convert_gguf(gguf)
+
+
+def test_closed_while_a_schema_compiles_is_a_closed_error(tiny, monkeypatch) -> None:
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_wait=0)
+    real = backend.grammars.get
+
+    def compile_then_close(schema):
+        out = real(schema)
+        backend._closed = True  # aclose() ran while this schema compiled
+        return out
+
+    monkeypatch.setattr(backend.grammars, "get", compile_then_close)
+    (outcome,) = anyio.run(settle, backend, [request("Hi.", Entities)])
+    assert isinstance(outcome, BackendClosedError), outcome
+    anyio.run(backend.aclose)
+    monkeypatch.undo()
+    queued = anyio.run(backend._queue.submit, request("Hi.", Sentiment))  # after close: answered at once
+    assert isinstance(queued, BackendClosedError)

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TextIO
 
@@ -155,6 +155,12 @@ class _Input:
                 self.invalid_count += 1
 
 
+async def _in_thread(items: Iterator[Document]) -> AsyncIterator[Document]:
+    """``items``, each one taken on a worker thread (a blocking read does not hold up the event loop)."""
+    while (item := await anyio.to_thread.run_sync(next, items, None)) is not None:
+        yield item
+
+
 class _Writer:
     """Writes records in input order (a reorder buffer keyed by sequence number)."""
 
@@ -245,9 +251,11 @@ async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bo
         with bar:
             task_id = bar.add_task("run", total=total, line="")
             documents = source.documents()
+            # a pipe's next line may be long in coming: read it on a worker thread, so calls go on meanwhile
+            reading = documents if total is not None else _in_thread(documents)
             stopped: PolytaskError | None = None
             try:
-                async for result in orch.stream(documents):
+                async for result in orch.stream(reading):
                     writer.put(result.metadata[_SEQ], _result_record(result))
                     writer.flush(source.invalid)
                     if result.partial and not allow_partial:
@@ -258,7 +266,7 @@ async def _run(orch: Orchestrator, source: _Input, writer: _Writer, progress: bo
                 stopped, code = error, 2
             finally:  # also when interrupted: every finished document is written
                 writer.flush(source.invalid)
-                if stopped is not None:  # what was never started still gets its output line
+                if stopped is not None and total is not None:  # what was never started still gets its output line
                     message = f"not started: the run stopped ({type(stopped).__name__})"
                     for doc in documents:
                         record = {"id": doc.id, "line": doc.metadata[_LINE]}
@@ -443,10 +451,14 @@ _TERMINATED = False
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM (``kill``, ``timeout``, a scheduler) ends the run as Ctrl-C does, finished documents kept; exit 143."""
+    """SIGTERM (``kill``, ``timeout``, a scheduler) ends the run as Ctrl-C does, finished documents kept; exit 143.
+
+    It raises SIGINT rather than ``KeyboardInterrupt`` itself: inside the event loop asyncio turns SIGINT into the
+    main task's cancellation, while an exception raised at an arbitrary line could land in the middle of anyio's
+    or aiohttp's own bookkeeping."""
     global _TERMINATED
     _TERMINATED = True
-    raise KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
 
 
 def _fail(message: str) -> NoReturn:

@@ -162,6 +162,18 @@ def _document(item: Any, position: int) -> Document:
     )
 
 
+def _own_copy(error: BaseException) -> BaseException:
+    """A shallow copy of ``error`` (type, args, attributes, cause, traceback) without calling its ``__init__``."""
+    try:
+        clone = type(error).__new__(type(error), *error.args)
+        clone.__dict__.update(error.__dict__)
+    except Exception:  # an exception type that cannot be copied this way: the original
+        return error
+    clone.__cause__, clone.__context__ = error.__cause__, error.__context__
+    clone.__suppress_context__ = error.__suppress_context__
+    return clone.with_traceback(error.__traceback__)
+
+
 def _check_sentences(sentences: Any, text: str, position: int) -> None:
     """A custom segmenter's output: sentences numbered 0, 1, … in order, each ``text[start:end]``.
 
@@ -422,9 +434,10 @@ class Orchestrator:
                 results[position] = result
         done = [results[i] for i in sorted(results)]
         if job.fatal is not None:
+            error = _own_copy(job.fatal)  # this run's own: a backend may raise one error object in many runs
             with contextlib.suppress(AttributeError):  # an exception type with __slots__ cannot carry them
-                job.fatal.results = done  # type: ignore[attr-defined]
-            raise job.fatal
+                error.results = done  # type: ignore[attr-defined]
+            raise error
         return done
 
     async def process(self, document: DocumentInput) -> DocumentResult:

@@ -253,7 +253,10 @@ class OpenAIBackend:
         extra = {k: v for k, v in body.items() if k not in fields}
         try:
             raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
-            return raw.http_response.status_code, raw.headers, raw.parse().model_dump()
+            parsed = raw.parse()
+            if not hasattr(parsed, "model_dump"):  # a 200 whose JSON is not an object ([], "x", null)
+                raise exc.MalformedResponseError(f"not a chat completion: {type(parsed).__name__} body")
+            return raw.http_response.status_code, raw.headers, parsed.model_dump()
         except openai.APIStatusError as error:
             raise self._status_error(error.status_code, error.body, error.response.headers) from None
         except openai.APITimeoutError:

@@ -220,6 +220,8 @@ class TransformersBackend:
             except ValueError as exc:
                 problem = f"cannot compile schema {request.schema_name!r}: {exc}"
                 raise BadRequestError(problem, status_code=400) from None
+            if self._closed:  # closed while the schema compiled
+                raise BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
         outcome = await self._queue.submit(request)
         if isinstance(outcome, BaseException):
             raise outcome

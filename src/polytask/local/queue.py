@@ -99,6 +99,7 @@ class CallQueue:
         self._thread: threading.Thread | None = None
         self._full = threading.Event()
         self._taken: weakref.WeakSet[Call] = weakref.WeakSet()
+        self._closed: BaseException | None = None  # the error close() answered with: later calls get it at once
 
     async def submit(self, payload: Any) -> Any:
         """Queue one call and wait for its outcome (an answer, or an exception instance, as ``respond`` made it).
@@ -107,6 +108,8 @@ class CallQueue:
         """
         call = Call(payload, self.respond)
         with self._lock:
+            if self._closed is not None:
+                return self.respond(call, self._closed)
             self._waiting.append(call)
             if len(self._waiting) >= self.max_rows:
                 self._full.set()
@@ -124,6 +127,7 @@ class CallQueue:
         """Finish every waiting call with ``error``, cancel the calls being decoded; returns the engine thread
         (join it to wait until the engine stopped) or None."""
         with self._lock:
+            self._closed = error
             left, self._waiting = list(self._waiting), deque()
             thread = self._thread
         for call in left:
