@@ -382,8 +382,9 @@ def run(
         try:
             the_backend = _make_backend(backend, model, base_url, rpm, tpm, timeout)  # a local model loads here
         except KeyboardInterrupt:
-            err.print(f"[red]{'terminated' if _TERMINATED else 'interrupted'}:[/] nothing was written", soft_wrap=True)
-            raise typer.Exit(143 if _TERMINATED else 130) from None
+            why, code = _interruption()
+            err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
+            raise typer.Exit(code) from None
         try:
             orch = Orchestrator(
                 the_backend,
@@ -401,11 +402,9 @@ def run(
             try:
                 code = anyio.run(_run, orch, source, _Writer(sys.stdout), show, allow_partial)
             except BaseException as error:
-                if _interrupted(error):
-                    raise typer.Exit(143 if _TERMINATED else 130) from None
-                if isinstance(error, BrokenPipeError) or (
-                    isinstance(error, BaseExceptionGroup) and error.subgroup(BrokenPipeError) is not None
-                ):  # the reader went away (`| head`): stop quietly, as Unix tools do on SIGPIPE
+                if _holds(error, KeyboardInterrupt):
+                    raise typer.Exit(_interruption()[1]) from None
+                if _holds(error, BrokenPipeError):  # the reader went away (`| head`): stop quietly, as on SIGPIPE
                     sys.stdout = open(os.devnull, "w")  # Python flushes stdout at exit: not into the closed pipe
                     raise typer.Exit(141) from None
                 raise
@@ -424,16 +423,20 @@ def run(
     raise typer.Exit(code)
 
 
-def _interrupted(error: BaseException) -> bool:
-    return isinstance(error, KeyboardInterrupt) or (
-        isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt) is not None
-    )
+def _holds(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` is a ``kind``, or an exception group holding one."""
+    return isinstance(error, kind) or (isinstance(error, BaseExceptionGroup) and error.subgroup(kind) is not None)
+
+
+def _interruption() -> tuple[str, int]:
+    """How an interrupted run is named and exits: SIGTERM 143, Ctrl-C 130."""
+    return ("terminated", 143) if _TERMINATED else ("interrupted", 130)
 
 
 def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseException) -> None:
     """The run did not finish: keep the documents already written (and say where), or leave nothing behind."""
-    interrupted = _interrupted(error)
-    why = ("terminated" if _TERMINATED else "interrupted") if interrupted else f"failed ({type(error).__name__})"
+    interrupted = _holds(error, KeyboardInterrupt)
+    why = _interruption()[0] if interrupted else f"failed ({type(error).__name__})"
     if writer is not None and writer.written:
         err.print(
             f"[red]{why}:[/] {writer.written} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
@@ -444,7 +447,7 @@ def _keep_partial(path: Path, writer: _Writer | None, output: Path, error: BaseE
         path.unlink(missing_ok=True)
         err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
     if interrupted:
-        raise typer.Exit(143 if _TERMINATED else 130) from None
+        raise typer.Exit(_interruption()[1]) from None
 
 
 _TERMINATED = False

@@ -9,10 +9,10 @@ One run ("job") is a producer and ``max_concurrency`` workers in an anyio task g
   validated answer or a typed error;
 - the worker that completes a document's last pair merges it and emits it.
 
-A 429 ``insufficient_quota``, a 401, or a server that failed everything for ``max_outage`` seconds stops the run:
-queued pairs, and calls still waiting (a retry's backoff, the
-rate limiter) or in flight, end ``RunStopped`` at once; every document already taken in is emitted (partial), and
-then the error is raised. Nothing that was done is lost.
+A 429 ``insufficient_quota``, a 401, a closed backend, or a server that failed everything for ``max_outage`` seconds
+stops the run: queued pairs, and calls still waiting (a retry's backoff, the rate limiter) or in flight, end
+``RunStopped`` at once; every document already taken in is emitted (partial), and then the error is raised. Nothing
+that was done is lost.
 """
 
 from __future__ import annotations
@@ -364,9 +364,8 @@ class Orchestrator:
         Raises:
             QuotaExceededError, AuthenticationError, BackendClosedError, ServerDownError: no later call could
                 succeed (``insufficient_quota``, a 401, a closed backend, a server down for ``max_outage``), so the
-                run stops: raised after yielding every
-                document taken in (their unfinished pairs end ``RunStopped`` at once, also those waiting out a
-                retry's backoff).
+                run stops: raised after yielding every document taken in (their unfinished pairs end ``RunStopped``
+                at once, also those waiting out a retry's backoff).
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.

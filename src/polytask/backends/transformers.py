@@ -184,6 +184,9 @@ class TransformersBackend:
         )
         self._closed = False
 
+    def _closed_error(self) -> BackendClosedError:
+        return BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
+
     def __repr__(self) -> str:
         if self.engine is None:
             return f"TransformersBackend(name={self.name!r}, closed)"
@@ -213,7 +216,7 @@ class TransformersBackend:
             BackendClosedError: the backend is closed.
         """
         if self._closed:
-            raise BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
+            raise self._closed_error()
         if not self.grammars.cached(request.json_schema):  # compiled here, not on the engine thread, which
             try:  # would stop decoding every other call meanwhile (a 10,000-label enum takes seconds)
                 await anyio.to_thread.run_sync(self.grammars.get, request.json_schema)
@@ -221,7 +224,7 @@ class TransformersBackend:
                 problem = f"cannot compile schema {request.schema_name!r}: {exc}"
                 raise BadRequestError(problem, status_code=400) from None
             if self._closed:  # closed while the schema compiled
-                raise BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")
+                raise self._closed_error()
         outcome = await self._queue.submit(request)
         if isinstance(outcome, BaseException):
             raise outcome
