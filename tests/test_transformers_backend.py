@@ -589,3 +589,60 @@ def test_closed_while_a_schema_compiles_is_a_closed_error(tiny, monkeypatch) -> 
     monkeypatch.undo()
     queued = anyio.run(backend._queue.submit, request("Hi.", Sentiment))  # after close: answered at once
     assert isinstance(queued, BackendClosedError)
+
+
+def test_calls_are_tokenized_off_the_engine_thread_in_batches(tiny) -> None:
+    """The engine thread's host time is the GPU's critical path: the chat template runs on the prepare thread, a
+    batch at a time, and the first batch holds every call that arrived while the engine gathered."""
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=8, max_wait=0.05)
+    threads: list[str] = []
+    sizes: list[int] = []
+    real = backend._queue.prepare
+
+    def spy(calls):
+        threads.append(threading.current_thread().name)
+        sizes.append(len(calls))
+        return real(calls)
+
+    backend._queue.prepare = spy
+    answers = anyio.run(gather, backend, [request(s, Sentiment, max_tokens=20) for s in SENTENCES[:8]])
+    assert all(a.finish_reason in ("stop", "length") for a in answers)
+    assert set(threads) == {"polytask-local-prepare"}
+    assert sizes[0] == 8 and sum(sizes) == 8
+    assert backend.stats["batches"] == 1  # all eight decoded together
+    anyio.run(backend.aclose)
+
+
+def test_close_while_calls_are_being_prepared_answers_them(tiny) -> None:
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=0)
+    entered, release = threading.Event(), threading.Event()
+    real = backend._queue.prepare
+
+    def slow(calls):
+        entered.set()
+        release.wait(10)
+        return real(calls)
+
+    backend._queue.prepare = slow
+
+    async def main() -> list:
+        out: list = []
+
+        async def one() -> None:
+            try:
+                out.append(await backend.complete(request("Anna went to Rome.", Sentiment)))
+            except Exception as exc:
+                out.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            await anyio.to_thread.run_sync(entered.wait, 10)
+            closing = backend.aclose()
+            release.set()
+            await closing
+        return out
+
+    out = anyio.run(main)
+    assert len(out) == 1 and isinstance(out[0], BackendClosedError)

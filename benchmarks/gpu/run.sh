@@ -6,14 +6,15 @@
 # embedded model's tokenizer) and .models/qwen-tok/ (the Qwen2.5 vocabulary, from benchmarks/make_qwen_tokenizer.py).
 # Sizes come from the environment so a CPU dry run can shrink them:
 #   DEVICE=cpu SHAPES=smollm2-135m NAIVE=1 GEN=2 BATCHES=4 PAIRS=8 NEW=4 PROMPT=40 bash benchmarks/gpu/run.sh
+# ADMIT (e.g. 0.125,0.5,1) repeats the backend rows at each engine admit_fraction (default: the engine's own).
 # EXTRA (default profile,generate-batch,static-compile) adds, for the Qwen shape only, a torch.profiler table of one
 # engine batch and transformers' own fast paths (static-compile compiles for ~40-55 s, at the largest of GEN only).
 set -o pipefail
 OUT=${OUT:-/tmp/polytask-gpu-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}; SHAPES=${SHAPES:-"qwen2.5-1.5b smollm2-135m"}
 NAIVE=${NAIVE:-4}; GEN=${GEN:-64,256,1024}; BATCHES=${BATCHES:-256,1024}; PAIRS=${PAIRS:-4096}
-NEW=${NEW:-32}; PROMPT=${PROMPT:-120}; LIMIT=${LIMIT:-160}; QLIMIT=${QLIMIT:-300}
-VARIANTS=${VARIANTS:-naive,generate,polytask,static-json,backend-json}; EXTRA=${EXTRA-profile,generate-batch,static-compile}
+NEW=${NEW:-32}; PROMPT=${PROMPT:-120}; LIMIT=${LIMIT:-160}; QLIMIT=${QLIMIT:-300}; ADMIT=${ADMIT:-}
+VARIANTS=${VARIANTS:-naive,generate,polytask,static-json,backend-json,backend-enum}; EXTRA=${EXTRA-profile,generate-batch,static-compile}
 if [ "$DEVICE" = cuda ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
@@ -33,7 +34,7 @@ for shape in $SHAPES; do
   fi
   timeout "$limit" $PY benchmarks/local_throughput.py --model "$shape" --device "$DEVICE" --tokenizer "$tokdir" \
     --naive-pairs "$NAIVE" --generate-batches "$GEN" --batches "$BATCHES" --pairs "$PAIRS" --new-tokens "$NEW" \
-    --prompt-tokens "$PROMPT" --variants "$variants" --out "$OUT/results.jsonl" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/log.txt"
+    --prompt-tokens "$PROMPT" --variants "$variants" ${ADMIT:+--admit-fractions "$ADMIT"} --out "$OUT/results.jsonl" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/log.txt"
   echo "# $shape exit ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
 done
 echo "# summary"; cat "$OUT/results.jsonl" 2>/dev/null | $PY -c "

@@ -137,7 +137,7 @@ class Batcher:
         if rows >= self.rows:  # only ever into a strictly smaller bucket (never copy a bucket onto itself)
             return
         new = self.e._bucket(rows, old.slots)  # the big bucket stays kept, for the next full batch
-        index = torch.tensor(busy, device=self.e.device)
+        index = self.e.to_device(busy)
         for store_new, store_old in zip(
             new.cache.keys + new.cache.values, old.cache.keys + old.cache.values, strict=True
         ):
@@ -191,7 +191,10 @@ class Batcher:
         e = self.e
         rows = max(self.rows, min(self.max_rows, bucket_rows(active + self.source.waiting())))
         jobs = []
-        for job in self.source.take(rows - active):
+        t_take = time.perf_counter()
+        taken = self.source.take(rows - active)
+        e.add_time("take", time.perf_counter() - t_take)
+        for job in taken:
             if job.cancelled:  # cancelled between the queue and a row (e.g. the backend is closing)
                 job.finish(GenResult([], "cancelled", len(job.request.prompt_ids)))
             else:
@@ -215,7 +218,9 @@ class Batcher:
         self.joining = []
         self.since_admit = 0
         if self.pin:
+            t_wait = time.perf_counter()
             torch.cuda.synchronize()
+            e.add_time("prefill_wait", time.perf_counter() - t_wait)
         e.add_time("prefill", time.perf_counter() - t0)
 
     def _groups(self, prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -257,7 +262,7 @@ class Batcher:
         suffix = int(lens.max()) - prefix_len
         width = prefix_len + suffix
         contiguous = rows == list(range(rows[0], rows[0] + n))
-        index = torch.tensor(rows, device=dev)
+        index = e.to_device(rows)
         where: slice | torch.Tensor = slice(rows[0], rows[0] + n) if contiguous else index
         e.stats["batches"] += 1
         e.stats["rows"] += n
@@ -273,7 +278,7 @@ class Batcher:
         ids = np.full((n, suffix), e.pad_id, dtype=np.int64)
         for i, p in enumerate(prompts):
             ids[i, pads[i] :] = p[prefix_len:]
-        pads_t = torch.from_numpy(pads).to(dev)
+        pads_t = e.to_device(pads)
         q = torch.arange(suffix, device=dev)
         pos = (prefix_len + q[None, :] - pads_t[:, None]).clamp_(min=0)
         k = torch.arange(width, device=dev)
@@ -281,9 +286,7 @@ class Batcher:
         real_key = (kk >= pads_t[:, None, None]) & (kk <= q[None, :, None])
         own = kk == q[None, :, None]  # a pad query sees itself, so no softmax row is empty
         mask = (k[None, None, :] < prefix_len) | ((kk >= 0) & (real_key | own))
-        logits = e._call(
-            torch.from_numpy(ids).to(dev), pos, mask[:, None], RowView(bucket.cache, where, prefix_len, width)
-        )
+        logits = e._call(e.to_device(ids), pos, mask[:, None], RowView(bucket.cache, where, prefix_len, width))
         # decode state of the new rows
         row_mask = torch.zeros((n, 1, 1, bucket.slots), dtype=torch.bool, device=dev)
         row_mask[:, 0, 0, :width] = mask[:, -1, :]
@@ -292,16 +295,17 @@ class Batcher:
         bucket.pos.index_copy_(0, index, pos[:, -1:] + 1)
         self.logits.index_copy_(0, index, logits.float())
         temps = np.array([j.request.temperature for j in jobs], dtype=np.float64)
-        self.temps_t.index_copy_(0, index, torch.from_numpy(np.where(temps > 0, temps, 1.0)).float().to(dev)[:, None])
-        self.sampled_t.index_copy_(0, index, torch.from_numpy(temps > 0).to(dev))
+        self.temps_t.index_copy_(0, index, e.to_device(np.where(temps > 0, temps, 1.0).astype(np.float32))[:, None])
+        self.sampled_t.index_copy_(0, index, e.to_device(temps > 0))
         penalties = np.array([j.request.repetition_penalty for j in jobs], dtype=np.float64)
         self.penalties[rows] = penalties
-        self.penalty_t.index_copy_(0, index, torch.from_numpy(penalties).float().to(dev)[:, None])
+        self.penalty_t.index_copy_(0, index, e.to_device(penalties.astype(np.float32))[:, None])
         if self.seen is None and (penalties != 1).any():
             self.seen = torch.zeros((self.rows, e.vocab_size), dtype=torch.bool, device=dev)
         if self.seen is not None:
             self.seen.index_fill_(0, index, False)
         constrained = []
+        t_grammar = time.perf_counter()
         for r, j, length in zip(rows, jobs, lens, strict=True):
             req = j.request
             self.jobs[r] = j
@@ -320,6 +324,7 @@ class Batcher:
                 self.bitmask[r] = -1
         if constrained:
             self._fill(constrained)
+        e.add_time("grammar", time.perf_counter() - t_grammar)
 
     # ---------------------------------------------------------------- grammar
     def _fill(self, rows: list[int]) -> None:
@@ -380,7 +385,9 @@ class Batcher:
             self.event.record()
         next_logits = bucket.step()  # runs on the device while the host does the rest
         if self.event is not None:
+            t_wait = time.perf_counter()
             self.event.synchronize()
+            e.add_time("wait", time.perf_counter() - t_wait)
         e.stats["steps"] += 1
         self.since_admit += 1
         tok = self.host.numpy()
@@ -397,9 +404,11 @@ class Batcher:
         going = [r for r in constrained if jobs[r] is not None and not hit_stop[r]]
         complete = np.zeros_like(hit_stop)
         if going:
+            t_grammar = time.perf_counter()
             accept_tokens([self.matchers[r] for r in going], tok[going].tolist())
             self._fill(going)
             complete[self._completed(going, tok)] = True
+            e.add_time("grammar", time.perf_counter() - t_grammar)
         done = busy & (hit_stop | complete | (self.count >= self.caps))
         for r in np.flatnonzero(done).tolist():
             job = jobs[r]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.attention
 
 __all__ = ["RowView", "SlotCache", "engine_attention"]
 
@@ -109,10 +110,28 @@ def _gqa_attention(
         mask = mask[:, :, :, : key.shape[2]]
         if g > 1 and q > 1:
             mask = mask[:, :, None].expand(b, mask.shape[1], g, q, mask.shape[-1]).reshape(b, mask.shape[1], g * q, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qf, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None and q > 1 and g == 1
-    )
+    causal = mask is None and q > 1 and g == 1
+    if q > 1 and qf.is_cuda:  # a prefill: not cuDNN (see _PREFILL_BACKENDS)
+        with torch.nn.attention.sdpa_kernel(_PREFILL_BACKENDS):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qf, key, value, attn_mask=mask, scale=scaling, is_causal=causal
+            )
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qf, key, value, attn_mask=mask, scale=scaling, is_causal=causal
+        )
     return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+
+
+_PREFILL_BACKENDS = [
+    torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+    torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+    torch.nn.attention.SDPBackend.MATH,
+]
+"""SDPA kernels for prefills (masked, new shapes every admission). On the H200 (torch 2.11 + cu130) SDPA picked cuDNN,
+whose host side took ≈ 2 ms per layer call (0.9 s of the engine thread's 4.2 s for 4,096 constrained answers,
+``benchmarks/local_throughput.py`` under cProfile): a new plan for every new shape. Decode steps keep SDPA's own
+choice (their shapes are fixed and replayed as CUDA graphs)."""
 
 
 def register_attention() -> bool:

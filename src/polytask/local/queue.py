@@ -2,9 +2,11 @@
 
 ``await queue.submit(payload)`` puts a call in the queue and waits for its answer; the first call when nothing is
 being served starts an engine thread (:meth:`Engine.serve <polytask.local.engine.Engine.serve>`), which takes
-waiting calls whenever rows are free and ends when nothing is left. Answers go back to each caller's event loop
-without blocking the engine (``loop.call_soon_threadsafe`` on asyncio). A caller that is cancelled marks its call
-cancelled: the engine skips it, or frees its row at the next decode step.
+waiting calls whenever rows are free and ends when nothing is left. Calls are prepared (tokenized: chat template,
+grammar) in batches by a second thread, so the engine thread, whose host time is the GPU's critical path, never
+tokenizes: on the H200 it spent 0.35 s of 4.2 s in the chat template for 4,096 calls before this split. Answers go
+back to each caller's event loop without blocking the engine (``loop.call_soon_threadsafe`` on asyncio). A caller
+that is cancelled marks its call cancelled: the engine skips it, or frees its row at the next decode step.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class CallQueue:
         engine: the engine.
         max_rows: the most calls decoded at once.
         max_wait: seconds an idle engine waits for more calls (up to ``max_rows``) before it starts.
-        prepare: engine thread: ``prepare(calls) -> ready`` sets each ready call's ``request`` (a
+        prepare: prepare thread: ``prepare(calls) -> ready`` sets each ready call's ``request`` (a
             :class:`~polytask.local.engine.GenRequest`) and finishes the others with their error.
         respond: engine thread: ``respond(call, GenResult | exception) -> the caller's outcome``.
         grammar_matcher: passed to :meth:`Engine.serve <polytask.local.engine.Engine.serve>`.
@@ -95,8 +97,12 @@ class CallQueue:
         self.engine, self.max_rows, self.max_wait = engine, max_rows, max_wait
         self.prepare, self.respond, self.grammar_matcher = prepare, respond, grammar_matcher
         self._lock = threading.Lock()
-        self._waiting: deque[Call] = deque()
+        self._ready = threading.Condition(self._lock)  # notified when prepared calls arrive in _waiting
+        self._raw: deque[Call] = deque()  # submitted, not yet prepared
+        self._preparing = 0  # calls inside prepare() now
+        self._waiting: deque[Call] = deque()  # prepared: what the engine takes
         self._thread: threading.Thread | None = None
+        self._prep_thread: threading.Thread | None = None
         self._full = threading.Event()
         self._taken: weakref.WeakSet[Call] = weakref.WeakSet()
         self._closed: BaseException | None = None  # the error close() answered with: later calls get it at once
@@ -110,9 +116,15 @@ class CallQueue:
         with self._lock:
             if self._closed is not None:
                 return self.respond(call, self._closed)
-            self._waiting.append(call)
-            if len(self._waiting) >= self.max_rows:
+            self._raw.append(call)
+            if len(self._raw) + self._preparing + len(self._waiting) >= self.max_rows:
                 self._full.set()
+            if self._prep_thread is None:
+                gather = self._thread is None  # with the engine already decoding, a call is prepared at once
+                self._prep_thread = threading.Thread(
+                    target=self._prepare, args=(gather,), name="polytask-local-prepare", daemon=True
+                )
+                self._prep_thread.start()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="polytask-local-engine", daemon=True)
                 self._thread.start()
@@ -128,13 +140,50 @@ class CallQueue:
         (join it to wait until the engine stopped) or None."""
         with self._lock:
             self._closed = error
-            left, self._waiting = list(self._waiting), deque()
+            left = [*self._raw, *self._waiting]  # calls inside prepare() get it when it returns
+            self._raw, self._waiting = deque(), deque()
             thread = self._thread
+            self._ready.notify_all()
         for call in left:
             call.finish(error)
         for call in list(self._taken):
             call.cancelled = True
         return thread
+
+    # ---------------------------------------------------------------- prepare thread
+    def _prepare(self, gather: bool) -> None:
+        """Prepare submitted calls in batches (up to ``max_rows`` at once) until none is left; with ``gather`` (the
+        engine is starting too, and waits as long), first gather calls for ``max_wait`` or until ``max_rows`` wait,
+        so the first batch is whole."""
+        if gather and self.max_wait and not self._full.is_set():
+            self._full.wait(self.max_wait)
+        while True:
+            with self._lock:
+                calls: list[Call] = []
+                while self._raw and len(calls) < self.max_rows:
+                    call = self._raw.popleft()
+                    if not call.cancelled:
+                        calls.append(call)
+                if not calls and not self._raw:
+                    self._prep_thread = None
+                    return
+                self._preparing += len(calls)
+            ready: list[Call] = []
+            try:
+                ready = self.prepare(calls)
+            except BaseException as exc:  # never strand a caller: everything taken gets an answer
+                for call in calls:
+                    call.finish(exc)
+            finally:
+                with self._lock:
+                    self._preparing -= len(calls)
+                    closed = self._closed
+                    if closed is None:
+                        self._waiting.extend(ready)
+                    self._ready.notify_all()
+                if closed is not None:
+                    for call in ready:
+                        call.finish(closed)
 
     # ---------------------------------------------------------------- engine thread
     def _serve(self) -> None:
@@ -144,17 +193,22 @@ class CallQueue:
             self.engine.serve(self, max_rows=self.max_rows, grammar_matcher=self.grammar_matcher)
         except BaseException as exc:  # a bug outside a decode step: fail what waits, never hang a caller
             with self._lock:
-                left, self._waiting = list(self._waiting), deque()
+                left = [*self._raw, *self._waiting]
+                self._raw, self._waiting = deque(), deque()
                 self._thread = None
             for call in left:
                 call.finish(exc)
 
     def waiting(self) -> int:
+        """Prepared calls (ready to take)."""
         return len(self._waiting)
 
     def idle(self) -> bool:
         with self._lock:
             if self._waiting:
+                return False
+            if self._raw or self._preparing:  # being prepared: wait for them rather than spin
+                self._ready.wait(0.05)
                 return False
             self._thread = None
             self._full.clear()
@@ -167,14 +221,7 @@ class CallQueue:
                 call = self._waiting.popleft()
                 if not call.cancelled:
                     calls.append(call)
-            if len(self._waiting) < self.max_rows:
+            if len(self._raw) + self._preparing + len(self._waiting) < self.max_rows:
                 self._full.clear()
             self._taken.update(calls)  # from here close() cancels them (the engine answers them "cancelled")
-        if not calls:
-            return []
-        try:
-            return self.prepare(calls)
-        except Exception as exc:  # never strand a caller: everything taken gets an answer
-            for call in calls:
-                call.finish(exc)
-            return []
+        return calls
