@@ -315,8 +315,11 @@ def test_concurrency_defaults_come_from_the_backend():
     assert hosted.max_concurrency == 64 and hosted.concurrency.decrease < 1  # AIMD on
 
     class Batched(pt.FunctionBackend):  # what the local backend declares
-        preferred_concurrency = 512
-        adaptive_concurrency = False
+        settings = pt.BackendSettings(concurrency=512, adaptive_concurrency=False)
+
+        def __init__(self, fn):
+            super().__init__(fn)
+            self.settings = Batched.settings
 
     local = pt.Orchestrator(Batched(lambda r: "{}"), [pt.Sentiment()])
     assert local.max_concurrency == 512 and local.concurrency.limit == 512  # no slow start either
@@ -723,3 +726,25 @@ async def test_an_error_in_the_async_with_block_comes_out_as_itself():
         async with pt.Orchestrator(pt.FunctionBackend(_answer), [pt.Sentiment()]) as orch:
             await orch.process("One.")
             raise ValueError("mine")
+
+
+def test_a_backend_without_settings_keeps_its_rpm_and_tpm_and_bad_settings_are_named():
+    class Old:  # a backend written against polytask 0.1's seam: rpm / tpm attributes, no settings
+        name = "old"
+        rpm = 120.0
+        tpm = 50_000.0
+
+        async def complete(self, request):
+            return pt.ChatResponse(content="{}")
+
+        async def aclose(self):
+            pass
+
+    orch = pt.Orchestrator(Old(), [pt.Sentiment()])
+    assert orch.limiter.rpm == 120.0 and orch.limiter.tpm == 50_000.0
+
+    class Wrong(Old):
+        settings = ("rpm", 5)
+
+    with pytest.raises(pt.ConfigurationError, match="BackendSettings"):
+        pt.Orchestrator(Wrong(), [pt.Sentiment()])

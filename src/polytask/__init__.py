@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .backends.base import Backend, ChatRequest, ChatResponse, RateLimitHeaders
+from .backends.base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
@@ -78,6 +78,7 @@ __all__ = [
     "Backend",
     "BackendClosedError",
     "BackendError",
+    "BackendSettings",
     "BadRequestError",
     "ChatRequest",
     "ChatResponse",

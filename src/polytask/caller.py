@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from .backends.base import Backend, ChatRequest, ChatResponse, Message
+from .backends.base import Backend
+from .chat import ChatRequest, ChatResponse, Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Usage
 from .estimates import CompletionBudget, PromptEstimator

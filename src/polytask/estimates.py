@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .backends.base import Message
+from .chat import Message
 from .prompts import estimate_tokens
 
 __all__ = ["CompletionBudget", "PromptEstimator", "cached_tiktoken_counter"]

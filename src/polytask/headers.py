@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 
-from .backends.base import RateLimitHeaders
+from .chat import RateLimitHeaders
 
 __all__ = ["parse_duration", "parse_rate_limit_headers", "parse_retry_after"]
 

@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 import anyio
 
 from ._checks import check_positive
-from .backends.base import RateLimitHeaders
+from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
 __all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket"]

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._checks import check_count, check_positive
-from .backends.base import Backend
+from .backends.base import Backend, settings_of
 from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
@@ -206,11 +206,12 @@ class Orchestrator:
     Args:
         backend: where calls go (:class:`~polytask.OpenAIBackend`, the transformers backend, …).
         tasks: the tasks to run on every sentence (names must be unique).
-        max_concurrency: the most calls in flight, at most 10,000 (default: the backend's ``preferred_concurrency``
-            if it has one — the local backend's is 2 × its batch size, so finished rows always find a waiting call —
-            else 64).
+        max_concurrency: the most calls in flight, at most 10,000 (default: the backend's
+            ``settings.concurrency`` if it declares one — the local backend's is 2 × its batch size, so finished rows
+            always find a waiting call — else 64).
         retry: the retry policy (default :class:`~polytask.RetryPolicy`).
-        rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: the backend's, else learned).
+        rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: its ``settings.rpm`` /
+            ``settings.tpm``, else learned).
         limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
         context_sentences: neighbouring sentences passed as context on each side (default 0).
         max_sentence_chars: sentences longer than this many characters are split (default 1,000).
@@ -219,9 +220,9 @@ class Orchestrator:
         temperature: sampling temperature of every call (default 0).
         adaptive_concurrency: shrink the calls in flight on overload signals (503, timeouts, unexplained 429s,
             latency far above its best) and grow them back (AIMD, :class:`~polytask.concurrency.AdaptiveConcurrency`);
-            the current limit is ``orch.concurrency.limit`` (default: the backend's ``adaptive_concurrency``
-            attribute if it has one — False for the local backend, whose latency grows with its batch, not with
-            overload — else True).
+            the current limit is ``orch.concurrency.limit`` (default: the backend's
+            ``settings.adaptive_concurrency`` — False for the local backend, whose latency grows with its batch, not
+            with overload — else True).
         learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
         max_outage: seconds the server may fail every call and every circuit-breaker probe before the run stops
             with :class:`~polytask.ServerDownError` (default 300; None never stops). A dead server otherwise costs
@@ -271,10 +272,11 @@ class Orchestrator:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"task names must be unique, got {names}")
+        declared = settings_of(backend)
         if max_concurrency is None:
-            max_concurrency = int(getattr(backend, "preferred_concurrency", None) or 64)
+            max_concurrency = declared.concurrency or 64
         if adaptive_concurrency is None:
-            adaptive_concurrency = bool(getattr(backend, "adaptive_concurrency", True))
+            adaptive_concurrency = declared.adaptive_concurrency
         check_count("max_concurrency", max_concurrency, maximum=MAX_CONCURRENCY, allow_none=False)
         check_count("context_sentences", context_sentences, minimum=0, allow_none=False)
         check_count("max_sentence_chars", max_sentence_chars, allow_none=False)
@@ -286,8 +288,8 @@ class Orchestrator:
         self.clock: Clock = clock or (limiter.clock if limiter else MonotonicClock())
         where_rpm = "rpm" if rpm is not None else f"{type(backend).__name__}.rpm"
         where_tpm = "tpm" if tpm is not None else f"{type(backend).__name__}.tpm"
-        rpm = rpm if rpm is not None else getattr(backend, "rpm", None)
-        tpm = tpm if tpm is not None else getattr(backend, "tpm", None)
+        rpm = rpm if rpm is not None else declared.rpm
+        tpm = tpm if tpm is not None else declared.tpm
         check_positive(where_rpm, rpm)  # checked once, named where it came from
         check_positive(where_tpm, tpm)
         check_positive("max_outage", max_outage)
@@ -304,8 +306,7 @@ class Orchestrator:
             max_concurrency, clock=self.clock, decrease=0.9 if adaptive_concurrency else 1.0
         )
         self.breaker = CircuitBreaker(clock=self.clock)
-        model = getattr(backend, "model", None)
-        counter = cached_tiktoken_counter(model) if isinstance(model, str) else None
+        counter = cached_tiktoken_counter(declared.token_model) if declared.token_model else None
         self.caller = Caller(
             backend,
             retry=self.retry,

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import Message
+from .chat import Message
 
 if TYPE_CHECKING:
     from .tasks.base import Task

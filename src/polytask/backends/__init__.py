@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Backend, ChatRequest, ChatResponse, RateLimitHeaders
+from .base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .function import FunctionBackend
 from .openai import OpenAIBackend
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend",
+    "BackendSettings",
     "ChatRequest",
     "ChatResponse",
     "FunctionBackend",

@@ -9,97 +9,57 @@ transformers backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "ChatRequest", "ChatResponse", "Message", "RateLimitHeaders"]
+from ..chat import ChatRequest, ChatResponse, Message, RateLimitHeaders
 
-Message = dict[str, str]
-"""A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    """One structured-output chat call (a plain dataclass: built once per call on the hot path).
-
-    Attributes:
-        messages: the chat messages.
-        schema_name: a name for the answer schema (``[a-zA-Z0-9_-]``, as OpenAI requires).
-        json_schema: the JSON schema the answer must match (strict-compatible).
-        max_tokens: the most completion tokens to generate.
-        temperature: sampling temperature.
-        prompt_tokens_estimate: polytask's estimate of the prompt tokens, used for TPM reservation.
-    """
-
-    messages: list[Message]
-    schema_name: str
-    json_schema: dict[str, Any]
-    max_tokens: int
-    temperature: float = 0.0
-    prompt_tokens_estimate: int = 0
-
-    @property
-    def reserved_tokens(self) -> int:
-        """Tokens a TPM limiter reserves for this call: prompt estimate + max completion tokens (OpenAI's formula)."""
-        return self.prompt_tokens_estimate + self.max_tokens
+__all__ = [
+    "Backend",
+    "BackendSettings",
+    "ChatRequest",
+    "ChatResponse",
+    "Message",
+    "RateLimitHeaders",
+    "SettingsAttributes",
+    "settings_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimitHeaders:
-    """The ``x-ratelimit-*`` headers of one response, parsed (None where absent).
+class BackendSettings:
+    """What a backend declares about itself, for the orchestrator's defaults (each used only where the orchestrator's
+    own argument is left unset).
 
     Attributes:
-        limit_requests, limit_tokens: the RPM / TPM limits the server applies.
-        remaining_requests, remaining_tokens: what is left in the current window.
-        reset_requests, reset_tokens: seconds until the bucket is full again.
+        rpm: the requests-per-minute limit to keep under, or None for none.
+        tpm: the tokens-per-minute limit (prompt + completion tokens) to keep under, or None for none.
+        concurrency: calls in flight that keep the backend busy, or None for the orchestrator's default (64); the
+            local backend: 2 × its batch size, so a row whose answer is done always finds a waiting call.
+        adaptive_concurrency: whether latency and overload signals should lower the calls in flight (AIMD); False
+            where there is no server to overload (a local model's latency grows with its batch, not with load).
+        token_model: a model name tiktoken knows, for counting prompt tokens before sending (None: estimate
+            from characters, calibrated on the server's counts).
     """
 
-    limit_requests: int | None = None
-    limit_tokens: int | None = None
-    remaining_requests: int | None = None
-    remaining_tokens: int | None = None
-    reset_requests: float | None = None
-    reset_tokens: float | None = None
-
-
-@dataclass(slots=True)
-class ChatResponse:
-    """The answer to one :class:`ChatRequest`.
-
-    Attributes:
-        content: the answer text (JSON for structured outputs); None when the model refused.
-        finish_reason: ``"stop"``, ``"length"``, ``"content_filter"``, ``"tool_calls"``, …
-        refusal: the refusal text, when the model refused.
-        prompt_tokens, completion_tokens: usage as reported by the server (0 when it reported none).
-        rate_limits: the parsed ``x-ratelimit-*`` headers.
-        latency: seconds from sending the request to the full response.
-    """
-
-    content: str | None
-    finish_reason: str | None = "stop"
-    refusal: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    rate_limits: RateLimitHeaders = field(default_factory=RateLimitHeaders)
-    latency: float = 0.0
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int | None = None
+    adaptive_concurrency: bool = True
+    token_model: str | None = None
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the orchestrator needs from a backend.
+    """What the orchestrator needs from a backend: a ``name``, its :class:`BackendSettings`, one call, and a close.
 
     Attributes:
         name: a short description for logs and progress (``"openai:gpt-4o-mini"``).
-        rpm, tpm: the configured limits (requests / tokens per minute), or None for none.
-
-    Optional attributes the orchestrator reads when its own settings are left unset:
-    ``preferred_concurrency`` (calls in flight that keep the backend busy; the local backend: 2 × its batch size)
-    and ``adaptive_concurrency`` (False where there is no server to overload, so AIMD stays off).
+        settings: what the backend declares about its limits and concurrency (:class:`BackendSettings`).
     """
 
     name: str
-    rpm: float | None
-    tpm: float | None
+    settings: BackendSettings
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
         """Send one call. Raises a :mod:`polytask.exceptions` error on failure; never retries."""
@@ -108,3 +68,53 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections / models."""
         ...
+
+
+class SettingsAttributes:
+    """``rpm`` and ``tpm`` as read-only attributes over ``settings``: polytask 0.1's backends had them."""
+
+    settings: BackendSettings
+
+    @property
+    def rpm(self) -> float | None:
+        """``settings.rpm``: requests per minute, or None."""
+        return self.settings.rpm
+
+    @property
+    def tpm(self) -> float | None:
+        """``settings.tpm``: tokens per minute, or None."""
+        return self.settings.tpm
+
+
+@runtime_checkable
+class _DeclaresLimits(Protocol):
+    """A backend written against polytask 0.1's seam, which declared ``rpm`` / ``tpm`` attributes and no settings."""
+
+    rpm: float | None
+    tpm: float | None
+
+
+@runtime_checkable
+class _DeclaresSettings(Protocol):
+    settings: BackendSettings
+
+
+def settings_of(backend: object) -> BackendSettings:
+    """``backend.settings``; for a backend that predates :class:`BackendSettings` (``rpm`` / ``tpm`` attributes only)
+    settings built from those, so its rate limits still hold; :class:`BackendSettings()` for one with neither.
+
+    Raises:
+        ConfigurationError: ``settings`` is not a :class:`BackendSettings`.
+    """
+    if isinstance(backend, _DeclaresSettings):
+        settings = backend.settings
+        if not isinstance(settings, BackendSettings):
+            from ..exceptions import ConfigurationError
+
+            raise ConfigurationError(
+                f"{type(backend).__name__}.settings must be a polytask.BackendSettings, got {type(settings).__name__}"
+            )
+        return settings
+    if isinstance(backend, _DeclaresLimits):
+        return BackendSettings(rpm=backend.rpm, tpm=backend.tpm)
+    return BackendSettings()

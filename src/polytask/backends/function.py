@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .._checks import check_positive
-from .base import ChatRequest, ChatResponse
+from ..chat import ChatRequest, ChatResponse
+from .base import BackendSettings, SettingsAttributes
 
 __all__ = ["FunctionBackend"]
 
@@ -18,7 +19,7 @@ Answer = ChatResponse | BaseModel | dict[str, Any] | str
 """What the function may return: a full :class:`ChatResponse`, or the answer as a pydantic model, a dict or JSON."""
 
 
-class FunctionBackend:
+class FunctionBackend(SettingsAttributes):
     """Answers each call with ``fn(request)``; ``fn`` may be sync or async, and may raise polytask errors.
 
     Args:
@@ -46,8 +47,7 @@ class FunctionBackend:
         check_positive("tpm", tpm)
         self.fn = fn
         self.name = name
-        self.rpm = rpm
-        self.tpm = tpm
+        self.settings = BackendSettings(rpm=rpm, tpm=tpm)
         self.calls = 0
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:

@@ -22,10 +22,11 @@ from .. import exceptions as exc
 from .._checks import check_count, check_positive
 from .._http import AiohttpClient, HTTPClient, Httpx2Client
 from .._version import __version__
+from ..chat import ChatRequest, ChatResponse
 from ..exceptions import ConfigurationError
 from ..headers import parse_rate_limit_headers, parse_retry_after
 from ..prompts import add_schema_to_system
-from .base import ChatRequest, ChatResponse
+from .base import BackendSettings, SettingsAttributes
 
 logger = logging.getLogger("polytask")
 
@@ -44,7 +45,7 @@ _BY_STATUS: dict[int, type[exc.APIStatusError]] = {
 }
 
 
-class OpenAIBackend:
+class OpenAIBackend(SettingsAttributes):
     """Chat completions over any OpenAI-compatible HTTP API.
 
     Args:
@@ -117,8 +118,7 @@ class OpenAIBackend:
         if http_client is not None and http == "aiohttp":
             http = "httpx2"
         self.model = model
-        self.rpm = rpm
-        self.tpm = tpm
+        self.settings = BackendSettings(rpm=rpm, tpm=tpm, token_model=model)
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
         self.fallbacks: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._checks import check_count, check_positive
+from ..chat import ChatRequest, ChatResponse
 from ..exceptions import BackendClosedError, BackendError, BadRequestError, ConfigurationError, PolytaskError
-from .base import ChatRequest, ChatResponse
+from .base import BackendSettings, SettingsAttributes
 
 if TYPE_CHECKING:
     from ..local.engine import GenResult
@@ -40,7 +41,7 @@ REPETITION_PENALTY_EMBEDDED = 1.1
 """The embedded model's default ``repetition_penalty`` (measured in BENCHMARKS.md §5, quality)."""
 
 
-class TransformersBackend:
+class TransformersBackend(SettingsAttributes):
     """A local model (transformers) as a polytask backend; never downloads.
 
     Args:
@@ -74,16 +75,11 @@ class TransformersBackend:
 
     Attributes:
         name: ``"local:<model>"``.
-        rpm, tpm: None (no rate limits locally).
-        preferred_concurrency: 2 × ``max_batch_size``: the orchestrator's default calls in flight, so a row whose
-            answer is done always finds a waiting call.
-        adaptive_concurrency: False: a call's latency grows with the batch, not with overload, so the
-            orchestrator's AIMD stays off by default.
+        settings: no rate limits; ``concurrency`` 2 × ``max_batch_size`` (the orchestrator's default calls in
+            flight, so a row whose answer is done always finds a waiting call); ``adaptive_concurrency`` False (a
+            call's latency grows with the batch, not with overload, so the orchestrator's AIMD stays off).
+        model: the loaded ``*ForCausalLM`` (None after :meth:`aclose`).
     """
-
-    rpm: float | None = None
-    tpm: float | None = None
-    adaptive_concurrency = False
 
     def __init__(
         self,
@@ -132,7 +128,7 @@ class TransformersBackend:
         if where.type == "cuda" and not torch.cuda.is_available():
             raise ConfigurationError(f"device {device!r}: this torch build or machine has no CUDA GPU; use 'cpu'")
         self.max_batch_size = max_batch_size or (256 if device.startswith("cuda") else 32)
-        self.preferred_concurrency = 2 * self.max_batch_size
+        self.settings = BackendSettings(concurrency=2 * self.max_batch_size, adaptive_concurrency=False)
         if device.startswith("cpu"):
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         if dtype == "auto":
@@ -183,6 +179,16 @@ class TransformersBackend:
             grammar_matcher=self.grammars.matcher,
         )
         self._closed = False
+
+    @property
+    def preferred_concurrency(self) -> int | None:
+        """``settings.concurrency`` (the attribute's polytask 0.1 name)."""
+        return self.settings.concurrency
+
+    @property
+    def adaptive_concurrency(self) -> bool:
+        """``settings.adaptive_concurrency``: False."""
+        return self.settings.adaptive_concurrency
 
     def _closed_error(self) -> BackendClosedError:
         return BackendClosedError(f"{self.name}: the backend is closed; make a new TransformersBackend")

@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from ..backends.base import Message
+from ..chat import Message
 from ..prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer
