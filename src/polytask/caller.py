@@ -23,15 +23,14 @@ from .documents import Usage
 from .estimates import CompletionBudget, PromptEstimator
 from .exceptions import (
     AnswerValidationError,
-    APIConnectionError,
     APIStatusError,
     APITimeoutError,
     LengthLimitError,
-    MalformedResponseError,
     QuotaExceededError,
     RateLimitError,
     RefusalError,
     ServerError,
+    is_server_failure,
 )
 from .limits import Clock, RateLimiter
 from .prompts import reask_messages
@@ -257,7 +256,7 @@ class Caller:
             known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()
-        elif isinstance(error, ServerError | APIConnectionError | MalformedResponseError):
+        elif is_server_failure(error):
             self.breaker.on_failure(error, probe)
             overloaded = isinstance(error, APITimeoutError) or (
                 isinstance(error, ServerError) and error.status_code in (502, 503, 504)

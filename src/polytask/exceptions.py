@@ -30,10 +30,17 @@ most specific first, so callers never catch a third-party exception type::
         ├── RefusalError            the model refused                              (never retried)
         └── AnswerValidationError   invalid for the task's schema after one re-ask
 
-Retry decisions live in :mod:`polytask.retry`; every error here carries enough to make them.
+What each error means for a run is decided here and nowhere else: every class says whether another attempt could
+succeed (``retryable``), whether no later call could (``fatal_to_run``: the run stops), whether the server or the
+way to it failed (``server_failure``: the circuit breaker counts it) and whether it is a sign of an outage
+(``outage_sign``: ``max_outage`` counts it). The retry policy, the caller, the orchestrator and the CLI ask through
+:func:`is_retryable`, :func:`is_fatal_to_run`, :func:`is_server_failure` and :func:`is_outage_sign`, which answer
+False for any exception that is not a :class:`PolytaskError`.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 __all__ = [
     "APIConnectionError",
@@ -62,11 +69,44 @@ __all__ = [
     "ServerDownError",
     "ServerError",
     "UnprocessableEntityError",
+    "is_fatal_to_run",
+    "is_outage_sign",
+    "is_retryable",
+    "is_server_failure",
 ]
 
 
 class PolytaskError(Exception):
-    """Base class of every error polytask raises."""
+    """Base class of every error polytask raises; its class attributes say what the error means for a run."""
+
+    retryable: ClassVar[bool] = False
+    """Another attempt of the same call could succeed."""
+    fatal_to_run: ClassVar[bool] = False
+    """No later call could succeed either (a closed backend, a rejected key, no quota): the run stops."""
+    server_failure: ClassVar[bool] = False
+    """The server, or the connection to it, failed the call: the circuit breaker counts it."""
+    outage_sign: ClassVar[bool] = False
+    """A sign the server is down: counts toward the orchestrator's ``max_outage``."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt could succeed where this one failed."""
+    return isinstance(exc, PolytaskError) and exc.retryable
+
+
+def is_fatal_to_run(exc: BaseException) -> bool:
+    """Whether no later call could succeed either, so the run stops."""
+    return isinstance(exc, PolytaskError) and exc.fatal_to_run
+
+
+def is_server_failure(exc: BaseException) -> bool:
+    """Whether the server (or the way to it) failed the call: what the circuit breaker counts."""
+    return isinstance(exc, PolytaskError) and exc.server_failure
+
+
+def is_outage_sign(exc: BaseException) -> bool:
+    """Whether the error is a sign the server is down: what ``max_outage`` counts."""
+    return isinstance(exc, PolytaskError) and exc.outage_sign
 
 
 class ConfigurationError(PolytaskError, ValueError):
@@ -133,9 +173,15 @@ class BackendClosedError(BackendError):
     """The backend was closed (its ``aclose()``, which an :class:`~polytask.Orchestrator` calls when its
     ``async with`` block ends unless ``close_backend=False``): no later call can succeed, so the run stops."""
 
+    fatal_to_run = True
+
 
 class APIConnectionError(BackendError):
     """The connection failed, was refused or reset before a response arrived."""
+
+    retryable = True
+    server_failure = True
+    outage_sign = True
 
 
 class APITimeoutError(APIConnectionError):
@@ -146,11 +192,16 @@ class CircuitOpenError(BackendError):
     """Not sent: the server failed the calls before this one and the probe sent after the circuit breaker's cooldown
     (see :class:`~polytask.concurrency.CircuitBreaker`). Retried like a server error, one cooldown later."""
 
+    retryable = True
+    outage_sign = True
+
 
 class ServerDownError(BackendError):
     """The server failed every call, and every probe of the circuit breaker, for the orchestrator's ``max_outage``
     seconds: the run stops (documents taken in are kept, unfinished pairs end ``RunStopped``) instead of turning
     every remaining pair into an error one cooldown at a time."""
+
+    fatal_to_run = True
 
 
 class APIStatusError(BackendError):
@@ -187,6 +238,8 @@ class BadRequestError(APIStatusError):
 class AuthenticationError(APIStatusError):
     """401: the API key is missing or wrong."""
 
+    fatal_to_run = True
+
 
 class PermissionDeniedError(APIStatusError):
     """403: the key may not use this model or endpoint."""
@@ -203,17 +256,30 @@ class UnprocessableEntityError(APIStatusError):
 class RateLimitError(APIStatusError):
     """429: over the provider's RPM or TPM limit; ``retry_after`` says for how long, when the server said."""
 
+    retryable = True
+
 
 class QuotaExceededError(RateLimitError):
     """429 with code ``insufficient_quota``: the account is out of credit. Stops the run; work done is kept."""
+
+    retryable = False
+    fatal_to_run = True
 
 
 class ServerError(APIStatusError):
     """408, 409 or 5xx: a transient failure on the server's side."""
 
+    retryable = True
+    server_failure = True
+    outage_sign = True
+
 
 class MalformedResponseError(BackendError):
     """The server answered 200 but the body is not a chat completion (truncated or invalid JSON)."""
+
+    retryable = True
+    server_failure = True
+    outage_sign = True
 
 
 class AnswerError(PolytaskError):

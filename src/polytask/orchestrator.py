@@ -35,18 +35,13 @@ from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .estimates import PromptEstimator, cached_tiktoken_counter
 from .exceptions import (
-    APIConnectionError,
-    AuthenticationError,
-    BackendClosedError,
-    CircuitOpenError,
     ConfigurationError,
     InputError,
-    MalformedResponseError,
     PolytaskError,
-    QuotaExceededError,
     RunStopped,
     ServerDownError,
-    ServerError,
+    is_fatal_to_run,
+    is_outage_sign,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
 from .prompts import build_messages
@@ -525,7 +520,7 @@ class Orchestrator:
         probe for ``max_outage`` seconds."""
         if self.max_outage is None or job.fatal is not None:
             return
-        if not isinstance(error, ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError):
+        if not is_outage_sign(error):
             return
         down = self.breaker.outage()
         if down >= self.max_outage:
@@ -579,7 +574,7 @@ class Orchestrator:
             value = task.postprocess(state.document.text, sentence, answer.value)
         except AskError as failure:
             error = failure.error
-            if isinstance(error, QuotaExceededError | AuthenticationError | BackendClosedError):  # nor could others
+            if is_fatal_to_run(error):  # no later call could succeed either
                 job.stop(error)
             elif not isinstance(error, PolytaskError):
                 logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)

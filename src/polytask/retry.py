@@ -26,28 +26,11 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from .exceptions import (
-    APIConnectionError,
-    APITimeoutError,
-    CircuitOpenError,
-    MalformedResponseError,
-    QuotaExceededError,
-    RateLimitError,
-    ServerError,
-)
+from .exceptions import APITimeoutError, is_retryable
 
 __all__ = ["RetryPolicy", "is_retryable"]
 
 T = TypeVar("T")
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether another attempt could succeed where this one failed."""
-    if isinstance(exc, QuotaExceededError):
-        return False
-    return isinstance(
-        exc, RateLimitError | ServerError | APIConnectionError | MalformedResponseError | CircuitOpenError
-    )
 
 
 class RetryPolicy(BaseModel):
