@@ -1,28 +1,79 @@
-"""The HTTP clients the OpenAI backend posts through; the only module that imports aiohttp or httpx2.
+"""The HTTP clients the OpenAI backend posts through, and the one place transport errors become polytask's.
 
-Two lean clients do one thing, POST a JSON body and hand back ``(status, headers, body bytes)``, and translate
-transport failures into :class:`~polytask.exceptions.APIConnectionError` and
-:class:`~polytask.exceptions.APITimeoutError`. ``timeout`` is per request, in seconds, enforced by the library:
+Two lean clients do one thing, POST a JSON body and hand back ``(status, headers, body bytes)``; ``timeout`` is per
+request, in seconds, enforced by the library:
 
-- :class:`AiohttpClient` (the default): measured ≈ 2,000 requests/s per core here, against ≈ 300–500 for httpx2 and
-  ≈ 150–220 for the openai SDK's own request path (BENCHMARKS.md);
-- :class:`Httpx2Client`: wraps an ``httpx2.AsyncClient``, so tests and users can inject a transport
-  (``httpx2.MockTransport``) or their own proxies and certificates.
+- :class:`AiohttpClient` (the default under asyncio): measured ≈ 2,000 requests/s per core here, against ≈ 300–500
+  for httpx2 and ≈ 150–220 for the openai SDK's own request path (BENCHMARKS.md); aiohttp runs on asyncio only;
+- :class:`Httpx2Client`: wraps an ``httpx2.AsyncClient`` (anyio-based, so it runs on asyncio and on trio, and the
+  default under trio), so tests and users can inject a transport (``httpx2.MockTransport``) or their own proxies and
+  certificates.
+
+:func:`translate_transport_errors` is the seam, as httpx has one at its transport: both clients and the backend's
+openai-SDK path send inside it, and it turns the transport failures of aiohttp, httpx2 and the openai SDK into
+:class:`~polytask.exceptions.APITimeoutError` and :class:`~polytask.exceptions.APIConnectionError`, with one wording.
+This is the only module that imports aiohttp or makes an httpx2 client (the backend names ``httpx2.AsyncClient``
+only as the type of the ``http_client`` it is given, and hands the SDK a client made here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import aiohttp
 import httpx2
+import openai
 
-from .exceptions import APIConnectionError, APITimeoutError, BackendClosedError
+from .exceptions import APIConnectionError, APITimeoutError, BackendClosedError, ConfigurationError
 
-__all__ = ["AiohttpClient", "HTTPClient", "Httpx2Client"]
+__all__ = ["AiohttpClient", "HTTPClient", "Httpx2Client", "async_library", "translate_transport_errors"]
+
+# aiohttp raises asyncio's TimeoutError, which is the builtin one on 3.11+; the openai SDK wraps httpx2's errors in
+# its own (the original is the ``__cause__``), and its APITimeoutError is an APIConnectionError
+_TIMEOUTS = (TimeoutError, httpx2.TimeoutException, openai.APITimeoutError)
+_CONNECTION_FAILURES = (
+    aiohttp.ClientError,
+    OSError,
+    asyncio.IncompleteReadError,
+    httpx2.TransportError,
+    openai.APIConnectionError,
+)
+
+
+def _unchanged(text: str) -> str:
+    return text
+
+
+@contextlib.contextmanager
+def translate_transport_errors(timeout: float, redact: Callable[[str], str] = _unchanged) -> Iterator[None]:
+    """Turn a transport failure raised inside into polytask's; anything else passes through untouched.
+
+    Args:
+        timeout: the request's timeout in seconds, named in the timeout's message.
+        redact: applied to the connection error's message (the backend removes its API key with it).
+
+    Raises:
+        APITimeoutError: ``no response within {timeout} s``.
+        APIConnectionError: ``connection failed: {the error's type}: {the error}`` (at most 500 characters); for
+            the openai SDK's wrapper, the error it wraps.
+    """
+    try:
+        yield
+    except _TIMEOUTS:
+        raise APITimeoutError(f"no response within {timeout:g} s") from None
+    except _CONNECTION_FAILURES as error:
+        cause = error.__cause__ if isinstance(error, openai.APIConnectionError) and error.__cause__ else error
+        raise APIConnectionError(redact(f"connection failed: {type(cause).__name__}: {cause}"[:500])) from None
+
+
+def async_library() -> str | None:
+    """``"asyncio"`` or ``"trio"``: the async library running this task; None outside one."""
+    loop = _running_loop()
+    return None if loop is None else "asyncio" if isinstance(loop, asyncio.AbstractEventLoop) else "trio"
 
 
 class HTTPClient(Protocol):
@@ -44,16 +95,23 @@ class AiohttpClient:
 
     Args:
         max_connections: the connection pool size.
+
+    Its ``post`` raises :class:`~polytask.exceptions.ConfigurationError` when no asyncio loop runs it (under trio).
     """
 
     def __init__(self, max_connections: int = 512) -> None:
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: object | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
+        if not isinstance(loop, asyncio.AbstractEventLoop):  # the backend chooses httpx2 under trio; yours not
+            raise ConfigurationError(
+                "http='aiohttp' runs on asyncio only, and this is not asyncio (trio?): pass http='httpx2' or 'sdk' "
+                "to OpenAIBackend, or leave http unset to have the transport chosen per async library"
+            )
         if self._session is None or self._session.closed or self._loop is not loop:
             self._abandon()
             connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
@@ -72,17 +130,13 @@ class AiohttpClient:
         limit = self._timeouts.get(timeout)
         if limit is None:
             limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
-        try:
+        with translate_transport_errors(timeout):
             async with session.post(url, data=body, headers=headers, timeout=limit) as response:
                 return response.status, response.headers, await response.read()
-        except TimeoutError:  # aiohttp raises asyncio's, which is the builtin TimeoutError on 3.11+
-            raise APITimeoutError(f"no response within {timeout:g} s") from None
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as error:
-            raise APIConnectionError(f"connection failed: {type(error).__name__}: {error}"[:500]) from None
 
     async def aclose(self) -> None:
         if self._session is not None:
-            if self._loop is asyncio.get_running_loop():
+            if self._loop is _running_loop():
                 await self._session.close()
             else:
                 self._abandon()
@@ -108,7 +162,7 @@ class Httpx2Client:
         self.max_connections = max_connections
         self.owned = client is None  # a client of its own is made anew after aclose() or in a new loop; yours not
         self.client = client or self._new()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: object | None = None
 
     def _new(self) -> httpx2.AsyncClient:
         n = self.max_connections
@@ -139,12 +193,8 @@ class Httpx2Client:
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes]:
         client = self.reopen()
-        try:
+        with translate_transport_errors(timeout):
             response = await client.post(url, content=body, headers=dict(headers), timeout=timeout)
-        except httpx2.TimeoutException:
-            raise APITimeoutError(f"no response within {timeout:g} s") from None
-        except (httpx2.TransportError, OSError) as error:
-            raise APIConnectionError(f"connection failed: {type(error).__name__}: {error}"[:500]) from None
         return response.status_code, response.headers, response.content
 
     @property
@@ -159,8 +209,17 @@ class Httpx2Client:
             await self.client.aclose()
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def _running_loop() -> object | None:
+    """The running event loop: asyncio's loop, or trio's run (its token); None outside one.
+
+    Connections pooled in one loop cannot be used from another, so the clients note the loop they were made in.
+    """
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        return None
+        pass
+    trio = sys.modules.get("trio")  # imported by whoever runs trio; polytask does not depend on it
+    if trio is not None:
+        with contextlib.suppress(RuntimeError):
+            return trio.lowlevel.current_trio_token()  # type: ignore[no-any-return]
+    return None

@@ -1,9 +1,11 @@
 """The OpenAI-compatible chat-completions backend (OpenAI, Azure-compatible gateways, vLLM, llama.cpp, …).
 
 polytask owns retries and rate limits, so the backend sends each call once. By default it posts the JSON itself
-through a pooled aiohttp session (:mod:`polytask._http`): the openai SDK's per-request path costs 5–9 ms of CPU per
-call, which caps a client near 200 calls/s (BENCHMARKS.md). ``http="sdk"`` sends through ``openai.AsyncOpenAI``
-(``max_retries=0``) instead. Either way the same errors come out, translated into :mod:`polytask.exceptions`.
+(:mod:`polytask._http`) through a pooled aiohttp session under asyncio, and through httpx2 under trio (aiohttp runs
+on asyncio only): the openai SDK's per-request path costs 5–9 ms of CPU per call, which caps a client near 200
+calls/s (BENCHMARKS.md). ``http="sdk"`` sends through ``openai.AsyncOpenAI`` (``max_retries=0``) instead. Every
+path sends inside :func:`polytask._http.translate_transport_errors`, so the same errors come out, translated into
+:mod:`polytask.exceptions`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import openai
 
 from .. import exceptions as exc
 from .._checks import check_count, check_positive
-from .._http import AiohttpClient, HTTPClient, Httpx2Client
+from .._http import AiohttpClient, HTTPClient, Httpx2Client, async_library, translate_transport_errors
 from .._version import __version__
 from ..chat import ChatRequest, ChatResponse
 from ..exceptions import ConfigurationError
@@ -62,7 +64,10 @@ class OpenAIBackend(SettingsAttributes):
             configured mode; ``backend.fallbacks`` maps each schema name that fell back to its mode now.
         max_tokens_param: the request field for the completion cap: ``"max_completion_tokens"`` (OpenAI's current
             name) or ``"max_tokens"`` (older servers).
-        http: ``"aiohttp"`` (default, fastest), ``"httpx2"``, or ``"sdk"`` (through ``openai.AsyncOpenAI``).
+        http: ``"aiohttp"`` (fastest; asyncio only), ``"httpx2"`` (asyncio or trio), or ``"sdk"`` (through
+            ``openai.AsyncOpenAI``). Unset (None, the default): aiohttp when the call runs under asyncio, httpx2
+            under trio. ``"aiohttp"`` asked for by name under trio raises :class:`~polytask.ConfigurationError`
+            on the first call.
         max_connections: HTTP connection pool size (default 512).
         http_client: an ``httpx2.AsyncClient`` to send through (implies ``http="httpx2"`` unless ``"sdk"``);
             tests inject one with ``httpx2.MockTransport``.
@@ -75,7 +80,7 @@ class OpenAIBackend(SettingsAttributes):
 
     Raises:
         ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http``, or a bad number (the message
-            names it).
+            names it); from a call, ``http="aiohttp"`` used under trio.
     """
 
     def __init__(
@@ -89,7 +94,7 @@ class OpenAIBackend(SettingsAttributes):
         timeout: float = 60.0,
         structured_outputs: StructuredMode = "json_schema",
         max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens",
-        http: HTTPMode = "aiohttp",
+        http: HTTPMode | None = None,
         max_connections: int = 512,
         http_client: httpx2.AsyncClient | None = None,
         organization: str | None = None,
@@ -109,13 +114,13 @@ class OpenAIBackend(SettingsAttributes):
                     "no API key: set OPENAI_API_KEY (or pass api_key=), or point base_url at a server that needs none"
                 )
             api_key = "not-needed"
-        if http not in ("aiohttp", "httpx2", "sdk"):
+        if http is not None and http not in ("aiohttp", "httpx2", "sdk"):
             raise ConfigurationError(f"http must be 'aiohttp', 'httpx2' or 'sdk', got {http!r}")
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
         check_positive("timeout", timeout, allow_none=False)
         check_count("max_connections", max_connections, allow_none=False)
-        if http_client is not None and http == "aiohttp":
+        if http_client is not None and http != "sdk":
             http = "httpx2"
         self.model = model
         self.settings = BackendSettings(rpm=rpm, tpm=tpm, token_model=model)
@@ -123,7 +128,7 @@ class OpenAIBackend(SettingsAttributes):
         self.mode: StructuredMode = structured_outputs
         self.fallbacks: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
         self.max_tokens_param = max_tokens_param
-        self.http: HTTPMode = http
+        self.http: HTTPMode | None = http  # None: chosen per call by the running async library
         self.timeout = timeout
         self.base_url = (base_url or _DEFAULT_BASE_URL).rstrip("/")
         self._url = self.base_url + "/chat/completions"
@@ -140,7 +145,9 @@ class OpenAIBackend(SettingsAttributes):
             **({"OpenAI-Project": project} if project else {}),
         }
         self._sdk: openai.AsyncOpenAI | None = None
-        self._lean: HTTPClient | None = None
+        self._lean: HTTPClient | None = None  # the client under asyncio (and under trio unless http is unset)
+        self._lean_trio: Httpx2Client | None = None  # http unset, under trio: made there on first use
+        self._max_connections = max_connections
         if http == "sdk":
             transport = Httpx2Client(http_client, max_connections=max_connections)
 
@@ -170,8 +177,9 @@ class OpenAIBackend(SettingsAttributes):
         """Close the connections it opened (an ``http_client`` you passed in stays open: yours to close)."""
         if self._sdk is not None and self._transport.owned and not self._transport.loop_changed:
             await self._sdk.close()
-        if self._lean is not None:
-            await self._lean.aclose()
+        for lean in (self._lean, self._lean_trio):
+            if lean is not None:
+                await lean.aclose()
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
         """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai or HTTP one); never retries."""
@@ -220,9 +228,8 @@ class OpenAIBackend(SettingsAttributes):
         if self._sdk is not None:
             status, headers, data = await self._send_sdk(body)
         else:
-            assert self._lean is not None
             payload = json.dumps(body, ensure_ascii=False).encode()
-            status, headers, content = await self._lean.post(self._url, self._headers, payload, self.timeout)
+            status, headers, content = await self._lean_client().post(self._url, self._headers, payload, self.timeout)
             data = _json(content)
             if status >= 400:
                 raise self._status_error(status, data if data is not None else content, headers)
@@ -243,6 +250,15 @@ class OpenAIBackend(SettingsAttributes):
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
             raise exc.MalformedResponseError(f"not a chat completion: {type(error).__name__}: {error}"[:500]) from None
 
+    def _lean_client(self) -> HTTPClient:
+        """The lean client for this call: with ``http`` unset, httpx2 under trio (aiohttp is asyncio-only)."""
+        assert self._lean is not None
+        if self.http is None and async_library() == "trio":
+            if self._lean_trio is None:
+                self._lean_trio = Httpx2Client(max_connections=self._max_connections)
+            return self._lean_trio
+        return self._lean
+
     async def _send_sdk(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], Any]:
         assert self._sdk is not None
         if self._sdk.is_closed() or self._transport.loop_changed:  # closed, or made in an ended event loop:
@@ -251,20 +267,17 @@ class OpenAIBackend(SettingsAttributes):
             self._transport.reopen()  # notes the event loop it is used in
         fields = {k: v for k, v in body.items() if k in ("model", "messages", "temperature", "response_format")}
         extra = {k: v for k, v in body.items() if k not in fields}
-        try:
-            raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
-            parsed = raw.parse()
-            if not hasattr(parsed, "model_dump"):  # a 200 whose JSON is not an object ([], "x", null)
-                raise exc.MalformedResponseError(f"not a chat completion: {type(parsed).__name__} body")
-            return raw.http_response.status_code, raw.headers, parsed.model_dump()
-        except openai.APIStatusError as error:
-            raise self._status_error(error.status_code, error.body, error.response.headers) from None
-        except openai.APITimeoutError:
-            raise exc.APITimeoutError(f"no response within {self.timeout:g} s") from None
-        except openai.APIConnectionError as error:
-            raise exc.APIConnectionError(self._redact(f"connection failed: {error.__cause__ or error}")) from None
-        except (openai.APIResponseValidationError, ValueError) as error:
-            raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
+        with translate_transport_errors(self.timeout, redact=self._redact):
+            try:
+                raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
+                parsed = raw.parse()
+                if not hasattr(parsed, "model_dump"):  # a 200 whose JSON is not an object ([], "x", null)
+                    raise exc.MalformedResponseError(f"not a chat completion: {type(parsed).__name__} body")
+                return raw.http_response.status_code, raw.headers, parsed.model_dump()
+            except openai.APIStatusError as error:
+                raise self._status_error(error.status_code, error.body, error.response.headers) from None
+            except (openai.APIResponseValidationError, ValueError) as error:
+                raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if len(self._secret) >= 8 else text
