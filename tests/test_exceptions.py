@@ -12,8 +12,8 @@ from polytask import exceptions
 # (retryable, fatal_to_run, server_failure, outage_sign), as the tree in the module docstring draws it
 EXPECTED = {
     "PolytaskError": (False, False, False, False),
-    "ConfigurationError": (False, False, False, False),
-    "ModelNotFoundError": (False, False, False, False),
+    "ConfigurationError": (False, True, False, False),
+    "ModelNotFoundError": (False, True, False, False),
     "InputError": (False, False, False, False),
     "RequestTooLargeError": (False, False, False, False),
     "RunStopped": (False, False, False, False),

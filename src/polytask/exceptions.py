@@ -4,7 +4,7 @@ Errors from the layer below (openai, httpx2, transformers) are translated at the
 most specific first, so callers never catch a third-party exception type::
 
     PolytaskError
-    ├── ConfigurationError          bad settings (a negative RPM, an unknown task name, …)
+    ├── ConfigurationError          bad settings (a negative RPM, an unknown task name, …): stops the run
     │   └── ModelNotFoundError      the local model is not on disk (never downloaded)
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
@@ -110,7 +110,10 @@ def is_outage_sign(exc: BaseException) -> bool:
 
 
 class ConfigurationError(PolytaskError, ValueError):
-    """A setting is invalid (the message names it)."""
+    """A setting is invalid (the message names it). Met by a call (a transport that cannot run on this event loop),
+    it stops the run: every later call would meet it too."""
+
+    fatal_to_run = True
 
 
 class InputError(PolytaskError, ValueError):
