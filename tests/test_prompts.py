@@ -208,3 +208,8 @@ def test_estimate_of_a_real_prompt_errs_high_against_the_character_count():
     messages = build_messages(topic_task(), "The quick brown fox jumps over the lazy dog. " * 20)
     chars = sum(len(m["content"]) for m in messages)
     assert estimate_tokens(messages) >= chars / 4
+
+
+def test_a_reask_is_about_the_same_sentence():
+    messages = build_messages(pt.Sentiment(), "I love it.")
+    assert extract_sentence(reask_messages(messages, "{}", "label: field required")) == "I love it."

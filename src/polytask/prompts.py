@@ -109,18 +109,18 @@ def reask_messages(messages: Sequence[Message], content: str, error: str) -> lis
 
 
 def extract_sentence(messages: Sequence[Message]) -> str | None:
-    """The sentence a polytask prompt asks about (the last user message's ``"sentence"``), or None."""
+    """The sentence a polytask prompt asks about: the ``"sentence"`` of the last user message that holds one (a
+    re-ask's plain-text request after it is passed over: the re-ask is about the same sentence), or None."""
     for message in reversed(messages):
         if message.get("role") != "user":
             continue
         try:
             data = json.loads(message.get("content") or "")
         except ValueError:
-            return None
+            continue
         sentence = data.get("sentence") if isinstance(data, dict) else None
         if isinstance(sentence, str):
             return sentence
-        return None
     return None
 
 
