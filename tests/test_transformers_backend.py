@@ -635,3 +635,55 @@ def test_close_while_calls_are_being_prepared_answers_them(tiny) -> None:
 
     out = anyio.run(main)
     assert len(out) == 1 and isinstance(out[0], BackendClosedError)
+
+
+def test_a_call_prepared_after_the_engine_thread_died_still_gets_an_answer(tiny) -> None:
+    """A bug outside a decode step ends the engine thread; a call still being tokenized then must not wait forever."""
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=0.02)
+    real_prepare = backend._queue.prepare
+    died = threading.Event()
+
+    def slow(calls):
+        died.wait(5)  # prepared only once the engine thread has failed
+        return real_prepare(calls)
+
+    def broken(*args, **kwargs):
+        died.set()
+        raise RuntimeError("a bug outside a decode step")
+
+    backend._queue.prepare = slow
+    backend.engine.serve = broken
+
+    async def main():
+        with anyio.fail_after(10):
+            with pytest.raises(BackendError, match="a bug outside a decode step"):
+                await backend.complete(request("hello", Sentiment))
+
+    anyio.run(main)
+
+
+def test_aclose_under_trio_answers_the_calls_still_waiting(tiny) -> None:
+    pytest.importorskip("trio")
+    model, tok = tiny
+    backend = TransformersBackend(model, tokenizer=tok, device="cpu", max_batch_size=4, max_wait=5.0)
+
+    async def main() -> list:
+        out: list = []
+
+        async def one() -> None:
+            try:
+                out.append(await backend.complete(request("Anna went to Rome.", Sentiment)))
+            except Exception as exc:
+                out.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(one)
+                await anyio.sleep(0.1)  # both queued; the engine is still gathering (max_wait 5 s)
+                await backend.aclose()
+        return out
+
+    out = anyio.run(main, backend="trio")
+    assert len(out) == 2 and all(isinstance(o, BackendClosedError) for o in out)

@@ -57,11 +57,15 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
     """A thread-safe ``event.set`` for the running event loop (non-blocking on asyncio)."""
     try:
         loop = asyncio.get_running_loop()
-    except RuntimeError:  # another anyio backend (trio): a blocking hop through anyio
+    except RuntimeError:  # another anyio backend (trio): a blocking hop through anyio from other threads
         token = anyio.lowlevel.current_token()
+        owner = threading.get_ident()
 
         def hop() -> None:
-            anyio.from_thread.run_sync(event.set, token=token)
+            if threading.get_ident() == owner:  # the event loop's own thread (close() answering waiting calls)
+                event.set()
+            else:
+                anyio.from_thread.run_sync(event.set, token=token)
 
         return hop
 
@@ -126,8 +130,7 @@ class CallQueue:
                 )
                 self._prep_thread.start()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="polytask-local-engine", daemon=True)
-                self._thread.start()
+                self._start_engine()
         try:
             await call._event.wait()
         except BaseException:
@@ -144,11 +147,17 @@ class CallQueue:
             self._raw, self._waiting = deque(), deque()
             thread = self._thread
             self._ready.notify_all()
+            self._full.set()  # threads still gathering a first batch stop waiting
         for call in left:
             call.finish(error)
         for call in list(self._taken):
             call.cancelled = True
         return thread
+
+    def _start_engine(self) -> None:
+        """Start the engine thread (the lock held)."""
+        self._thread = threading.Thread(target=self._serve, name="polytask-local-engine", daemon=True)
+        self._thread.start()
 
     # ---------------------------------------------------------------- prepare thread
     def _prepare(self, gather: bool) -> None:
@@ -180,6 +189,8 @@ class CallQueue:
                     closed = self._closed
                     if closed is None:
                         self._waiting.extend(ready)
+                        if ready and self._thread is None:  # the engine thread died meanwhile: never strand them
+                            self._start_engine()
                     self._ready.notify_all()
                 if closed is not None:
                     for call in ready:
