@@ -249,7 +249,7 @@ def test_a_failing_step_fails_the_rows_then_serving_goes_on(tiny, monkeypatch) -
     ps = prompts(tok, 4)
     jobs = [ScriptedJob(GenRequest(p, max_new_tokens=4, ignore_eos=True)) for p in ps]
     engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    real_call = engine._call
+    real_call = engine.forward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -258,7 +258,7 @@ def test_a_failing_step_fails_the_rows_then_serving_goes_on(tiny, monkeypatch) -
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_call(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_call", flaky)
+    monkeypatch.setattr(engine, "forward", flaky)
     engine.serve(ScriptedSource(engine, jobs, [0, 0, 5, 5]), max_rows=2)
     assert all(isinstance(j.outcome, RuntimeError) for j in jobs[:2])  # in the failed prefill
     for p, job in zip(ps[2:], jobs[2:], strict=True):
@@ -337,3 +337,23 @@ def test_a_prefill_hands_the_output_layer_a_contiguous_input_and_leaves_no_hook(
         assert seen[-1] is False  # the model's own forward is untouched: its last-position slice stays strided
     finally:
         probe.remove()
+
+
+def test_close_drops_buckets_prefixes_and_model_but_keeps_stats(tiny) -> None:
+    model, tok = tiny
+    engine = Engine(model, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    engine.generate([GenRequest(p, max_new_tokens=2, ignore_eos=True) for p in prompts(tok, 3)])
+    stats = dict(engine.stats)
+    assert engine._buckets and engine._prefix and stats["rows"] == 3
+    engine.close()
+    assert not engine._buckets and not engine._prefix
+    assert engine.model is None and engine.graph_pool is None
+    assert engine.stats == stats
+
+
+def test_every_per_row_array_is_declared_once_and_typed() -> None:
+    from polytask.local.rows import ROW_ARRAYS, RowState
+
+    names = [spec.name for spec in ROW_ARRAYS]
+    assert len(names) == len(set(names))
+    assert set(names) == set(RowState.__annotations__)

@@ -328,9 +328,7 @@ class TransformersBackend(SettingsAttributes):
         thread = self._queue.close(BackendClosedError(f"{self.name}: the backend was closed before this call ran"))
         if thread is not None:
             await anyio.to_thread.run_sync(thread.join)
-        engine._buckets.clear()
-        engine._prefix.clear()
-        engine.model = None
+        engine.close()
         self._queue.engine = None  # type: ignore[assignment]
         self._last_stats = dict(engine.stats)
         self.engine = None  # type: ignore[assignment]

@@ -4,25 +4,55 @@ One :class:`Batcher` is one pass of :meth:`Engine.serve <polytask.local.engine.E
 admits waiting jobs into free rows (grouped by shared prefix, prefilled straight into their rows), then runs one
 decode step for every row: pick the tokens (grammar masks applied), launch the next step on the device, and while
 it runs record the tokens, finish rows whose answers are done, and fill the next grammar bitmasks.
+
+The rows' state is a :class:`~polytask.local.rows.RowState` (every per-row array declared once, in
+:data:`~polytask.local.rows.ROW_ARRAYS`); a bucket grown or compacted is copied by
+:func:`~polytask.local.bucket.copy_rows`. The engine is reached only through :class:`BatchEngine` (what this module
+uses of :class:`~polytask.local.engine.Engine`), so this module does not import :mod:`polytask.local.engine`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from .bucket import Bucket, copy_rows
 from .cache import RowView
 from .grammar import accept_tokens
 from .jobs import GenResult, Job, JobSource
+from .rows import RowState
 
-if TYPE_CHECKING:
-    from .engine import Engine, _Bucket
+__all__ = ["BatchEngine", "Batcher", "bucket_rows"]
 
-__all__ = ["Batcher"]
+
+class BatchEngine(Protocol):
+    """What a :class:`Batcher` uses of its engine (:class:`polytask.local.engine.Engine` is one): its settings,
+    its buckets and kept prefixes, one forward pass, and its counters."""
+
+    device: torch.device
+    vocab_size: int
+    grammar_vocab: int
+    pad_id: int
+    stop_ids: np.ndarray
+    answer_ends: np.ndarray | None
+    min_prefix: int
+    admit_every: int
+    admit_fraction: float
+    shrink_below: int
+
+    def bucket(self, rows: int, slots: int) -> Bucket: ...
+    def drop_bucket(self, rows: int, slots: int) -> None: ...
+    def prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def cached_prefix(self, prompts: list[list[int]]) -> int: ...
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor: ...
+    def to_device(self, data: Any) -> torch.Tensor: ...
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None: ...
+    def add_time(self, what: str, seconds: float) -> None: ...
+    def count(self, what: str, n: int = 1) -> None: ...
 
 
 def bucket_rows(n: int) -> int:
@@ -34,67 +64,22 @@ def round_up(n: int, k: int) -> int:
     return k * math.ceil(n / k)
 
 
-class Batcher:
-    """One pass of :meth:`Engine.serve`: the bucket in use and the host-side state of every row."""
+class Batcher(RowState):
+    """One pass of :meth:`Engine.serve`: the bucket in use and the state of every row (:class:`RowState`)."""
 
-    def __init__(self, engine: Engine, source: JobSource, max_rows: int, grammar_matcher: Any) -> None:
-        self.e, self.source, self.max_rows, self.grammar_matcher = engine, source, max(1, max_rows), grammar_matcher
-        self.bucket: _Bucket | None = None
-        self.rows = 0
-        self.jobs: list[Job | None] = []
-        self.matchers: list[Any] = []  # xgrammar matchers of constrained rows
-        self.joining: list[Job] = []
+    def __init__(self, engine: BatchEngine, source: JobSource, max_rows: int, grammar_matcher: Any) -> None:
         self.words = math.ceil(engine.grammar_vocab / 32)
+        self.pin = engine.device.type == "cuda"
+        super().__init__(
+            device=engine.device, pin=self.pin, vocab=engine.vocab_size, words=self.words, pad_id=engine.pad_id
+        )
+        self.e, self.source, self.max_rows, self.grammar_matcher = engine, source, max(1, max_rows), grammar_matcher
+        self.bucket: Bucket | None = None
+        self.joining: list[Job] = []
         self._batch_matcher: Any = None
         self._stop_only: np.ndarray | None = None  # every bit but the stop tokens' (uint32 words)
         self.since_admit = 0
-        self.pin = engine.device.type == "cuda"
         self.event = torch.cuda.Event() if self.pin else None  # type: ignore[no-untyped-call]
-        # per-row host state
-        self.count = np.zeros(0, dtype=np.int64)  # tokens generated
-        self.caps = np.zeros(0, dtype=np.int64)  # max_new_tokens
-        self.prompt_len = np.zeros(0, dtype=np.int64)
-        self.ignore = np.zeros(0, dtype=bool)  # ignore_eos
-        self.temps = np.zeros(0, dtype=np.float64)
-        self.penalties = np.ones(0, dtype=np.float64)  # repetition penalties (1 = off)
-        self.out = np.zeros((0, 0), dtype=np.int64)  # the tokens so far
-        self.host = torch.empty(0, dtype=torch.long)  # where each step's tokens land (pinned on CUDA)
-        # per-row device state
-        dev = engine.device
-        self.temps_t = torch.ones((0, 1), dtype=torch.float32, device=dev)  # temperatures (1 for greedy rows)
-        self.sampled_t = torch.zeros(0, dtype=torch.bool, device=dev)  # temperature > 0
-        self.logits = torch.zeros((0, engine.vocab_size), dtype=torch.float32, device=dev)  # the next token's
-        self.bitmask: torch.Tensor | None = None  # (rows, words) int32 grammar masks, host (pinned on CUDA)
-        self.penalty_t = torch.ones((0, 1), dtype=torch.float32, device=dev)
-        self.seen: torch.Tensor | None = None  # (rows, vocab) bool: tokens each answer generated, once penalised
-
-    def _resize(self, rows: int, slots: int) -> None:
-        """Grow the per-row state to ``rows`` rows (and the token buffer to ``slots`` columns), keeping it."""
-        grow = rows - self.rows
-
-        def grown(a: Any, fill: Any, width: int | None = None, **kw: Any) -> Any:
-            shape = (rows, *a.shape[1:]) if width is None else (rows, width)
-            if isinstance(a, np.ndarray):
-                new: Any = np.full(shape, fill, dtype=a.dtype)
-            else:
-                new = torch.full(shape, fill, dtype=a.dtype, device=a.device, **kw)
-            new[tuple(slice(0, n) for n in a.shape)] = a
-            return new
-
-        self.count, self.caps, self.prompt_len = grown(self.count, 0), grown(self.caps, 0), grown(self.prompt_len, 0)
-        self.ignore, self.temps = grown(self.ignore, False), grown(self.temps, 0.0)
-        self.penalties, self.penalty_t = grown(self.penalties, 1.0), grown(self.penalty_t, 1.0)
-        if self.seen is not None:
-            self.seen = grown(self.seen, False)
-        self.out = grown(self.out, self.e.pad_id, width=slots)
-        self.jobs += [None] * grow
-        self.matchers += [None] * grow
-        self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.pin)
-        self.temps_t, self.sampled_t = grown(self.temps_t, 1.0), grown(self.sampled_t, False)
-        self.logits = grown(self.logits, 0.0)
-        if self.bitmask is not None:
-            self.bitmask = grown(self.bitmask, -1, pin_memory=self.pin)
-        self.rows = rows
 
     def _move_to(self, rows: int, slots: int) -> None:
         """Use a ``(rows, slots)`` bucket, copying the rows in use into it (never shrinks)."""
@@ -103,29 +88,15 @@ class Batcher:
             rows, slots = max(rows, old.rows), max(slots, old.slots)
             if (rows, slots) == (old.rows, old.slots):
                 return
-            self.e._buckets.pop((old.rows, old.slots), None)  # its memory goes once the copy is done
-        new = self.e._bucket(rows, slots)
+            self.e.drop_bucket(old.rows, old.slots)  # its memory goes once the copy is done
+        new = self.e.bucket(rows, slots)
         if old is not None:
-            r, s = old.rows, old.slots
-            for store_new, store_old in zip(
-                new.cache.keys + new.cache.values, old.cache.keys + old.cache.values, strict=True
-            ):
-                store_new[:r, :, :s].copy_(store_old)
-            new.mask.zero_()
-            new.mask[:r, :, :, :s].copy_(old.mask)
-            new.mask[r:, ..., 0] = True
-            new.ids[:r].copy_(old.ids)
-            new.pos[:r].copy_(old.pos)
-            new.cols[:r].copy_(old.cols)
-            new.cols[r:] = 0
-            self.e.stats["grown"] += 1
+            copy_rows(old, new)
+            self.e.count("grown")
         else:  # a bucket kept from an earlier pass: free every row
-            new.mask.zero_()
-            new.mask[..., 0] = True
-            new.cols.zero_()
-            new.pos.zero_()
+            new.free_rows()
         self.bucket = new
-        self._resize(rows, slots)
+        self.resize(rows, slots)
 
     def _compact(self) -> None:
         """Move the busy rows into the smallest bucket that holds them: when a batch has thinned out (long answers
@@ -133,48 +104,15 @@ class Batcher:
         old = self.bucket
         assert old is not None
         busy = [r for r in range(self.rows) if self.jobs[r] is not None]
-        n, rows = len(busy), bucket_rows(len(busy))
+        rows = bucket_rows(len(busy))
         if rows >= self.rows:  # only ever into a strictly smaller bucket (never copy a bucket onto itself)
             return
-        new = self.e._bucket(rows, old.slots)  # the big bucket stays kept, for the next full batch
+        new = self.e.bucket(rows, old.slots)  # the big bucket stays kept, for the next full batch
         index = self.e.to_device(busy)
-        for store_new, store_old in zip(
-            new.cache.keys + new.cache.values, old.cache.keys + old.cache.values, strict=True
-        ):
-            store_new[:n].copy_(store_old.index_select(0, index))
-        new.mask.zero_()
-        new.mask[..., 0] = True
-        new.mask[:n].copy_(old.mask.index_select(0, index))
-        for buf in ("ids", "pos", "cols"):
-            getattr(new, buf).zero_()
-            getattr(new, buf)[:n].copy_(getattr(old, buf).index_select(0, index))
-
-        def pick(a: Any, fill: Any, **kw: Any) -> Any:
-            if isinstance(a, np.ndarray):
-                out: Any = np.full((rows, *a.shape[1:]), fill, dtype=a.dtype)
-                out[:n] = a[busy]
-            else:
-                out = torch.full((rows, *a.shape[1:]), fill, dtype=a.dtype, device=a.device, **kw)
-                out[:n] = a.index_select(0, index.to(a.device))
-            return out
-
-        self.count, self.caps, self.prompt_len = pick(self.count, 0), pick(self.caps, 0), pick(self.prompt_len, 0)
-        self.ignore, self.temps, self.out = pick(self.ignore, False), pick(self.temps, 0.0), pick(self.out, 0)
-        self.penalties, self.penalty_t = pick(self.penalties, 1.0), pick(self.penalty_t, 1.0)
-        if self.seen is not None:
-            self.seen = pick(self.seen, False)
-        self.temps_t, self.sampled_t, self.logits = (
-            pick(self.temps_t, 1.0),
-            pick(self.sampled_t, False),
-            pick(self.logits, 0.0),
-        )
-        if self.bitmask is not None:
-            self.bitmask = pick(self.bitmask, -1, pin_memory=self.pin)
-        self.jobs = [self.jobs[r] for r in busy] + [None] * (rows - n)
-        self.matchers = [self.matchers[r] for r in busy] + [None] * (rows - n)
-        self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.pin)
-        self.bucket, self.rows = new, rows
-        self.e.stats["shrunk"] += 1
+        copy_rows(old, new, index)
+        self.keep(busy, index, rows)
+        self.bucket = new
+        self.e.count("shrunk")
 
     # ---------------------------------------------------------------- admission
     def _want_admission(self, active: int) -> bool:
@@ -243,7 +181,7 @@ class Batcher:
         out = []
         for shared, members in groups:
             group = [prompts[i] for i in members]
-            cached = e._cached_prefix(group)
+            cached = e.cached_prefix(group)
             if len(members) > 1:
                 prefix = min(shared, min(len(p) for p in group) - 1)
                 # a kept prefix that covers most of it is reused instead of computing a slightly longer one
@@ -264,11 +202,11 @@ class Batcher:
         contiguous = rows == list(range(rows[0], rows[0] + n))
         index = e.to_device(rows)
         where: slice | torch.Tensor = slice(rows[0], rows[0] + n) if contiguous else index
-        e.stats["batches"] += 1
-        e.stats["rows"] += n
+        e.count("batches")
+        e.count("rows", n)
         if prefix_len:
-            e.stats["prefix_tokens_saved"] += prefix_len * (n - 1)
-            for layer, (k, v) in enumerate(e._prefix_kv(tuple(prompts[0][:prefix_len]))):
+            e.count("prefix_tokens_saved", prefix_len * (n - 1))
+            for layer, (k, v) in enumerate(e.prefix_kv(tuple(prompts[0][:prefix_len]))):
                 for store, part in ((bucket.cache.keys[layer], k), (bucket.cache.values[layer], v)):
                     if contiguous:
                         store[where, :, :prefix_len] = part
@@ -286,7 +224,7 @@ class Batcher:
         real_key = (kk >= pads_t[:, None, None]) & (kk <= q[None, :, None])
         own = kk == q[None, :, None]  # a pad query sees itself, so no softmax row is empty
         mask = (k[None, None, :] < prefix_len) | ((kk >= 0) & (real_key | own))
-        logits = e._call(e.to_device(ids), pos, mask[:, None], RowView(bucket.cache, where, prefix_len, width))
+        logits = e.forward(e.to_device(ids), pos, mask[:, None], RowView(bucket.cache, where, prefix_len, width))
         # decode state of the new rows
         row_mask = torch.zeros((n, 1, 1, bucket.slots), dtype=torch.bool, device=dev)
         row_mask[:, 0, 0, :width] = mask[:, -1, :]
@@ -294,34 +232,17 @@ class Batcher:
         bucket.cols.index_fill_(0, index, width)
         bucket.pos.index_copy_(0, index, pos[:, -1:] + 1)
         self.logits.index_copy_(0, index, logits.float())
-        temps = np.array([j.request.temperature for j in jobs], dtype=np.float64)
-        self.temps_t.index_copy_(0, index, e.to_device(np.where(temps > 0, temps, 1.0).astype(np.float32))[:, None])
-        self.sampled_t.index_copy_(0, index, e.to_device(temps > 0))
-        penalties = np.array([j.request.repetition_penalty for j in jobs], dtype=np.float64)
-        self.penalties[rows] = penalties
-        self.penalty_t.index_copy_(0, index, e.to_device(penalties.astype(np.float32))[:, None])
-        if self.seen is None and (penalties != 1).any():
-            self.seen = torch.zeros((self.rows, e.vocab_size), dtype=torch.bool, device=dev)
-        if self.seen is not None:
-            self.seen.index_fill_(0, index, False)
+        if self.seen is None and any(j.request.repetition_penalty != 1 for j in jobs):
+            self.make("seen")
+        self.join(rows, index, jobs, e.to_device)
         constrained = []
         t_grammar = time.perf_counter()
-        for r, j, length in zip(rows, jobs, lens, strict=True):
-            req = j.request
-            self.jobs[r] = j
-            self.count[r] = 0
-            self.caps[r] = max(1, req.max_new_tokens)
-            self.prompt_len[r] = length
-            self.ignore[r] = req.ignore_eos
-            self.temps[r] = req.temperature
-            self.matchers[r] = None
-            if req.grammar is not None:
+        for r, j in zip(rows, jobs, strict=True):
+            if j.request.grammar is not None:
                 if self.grammar_matcher is None:
                     raise ValueError("a request has a grammar but no grammar_matcher was given")
-                self.matchers[r] = self.grammar_matcher(req.grammar)
+                self.matchers[r] = self.grammar_matcher(j.request.grammar)
                 constrained.append(r)
-            elif self.bitmask is not None:
-                self.bitmask[r] = -1
         if constrained:
             self._fill(constrained)
         e.add_time("grammar", time.perf_counter() - t_grammar)
@@ -331,7 +252,8 @@ class Batcher:
         import xgrammar as xgr
 
         if self.bitmask is None:
-            self.bitmask = torch.full((self.rows, self.words), -1, dtype=torch.int32, pin_memory=self.pin)
+            self.make("bitmask")
+            assert self.bitmask is not None
         if self._batch_matcher is None:
             self._batch_matcher = xgr.BatchGrammarMatcher()
         self._batch_matcher.batch_fill_next_token_bitmask([self.matchers[r] for r in rows], self.bitmask, indices=rows)
@@ -388,7 +310,7 @@ class Batcher:
             t_wait = time.perf_counter()
             self.event.synchronize()
             e.add_time("wait", time.perf_counter() - t_wait)
-        e.stats["steps"] += 1
+        e.count("steps")
         self.since_admit += 1
         tok = self.host.numpy()
         rows = np.flatnonzero(busy)

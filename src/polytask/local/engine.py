@@ -6,9 +6,10 @@ while the rows whose answers finished early idle. This loop keeps every step at 
 one CUDA graph, refills finished rows with waiting prompts (continuous batching, as in Orca, Yu et al., OSDI 2022),
 and does the per-step CPU work (grammar bitmasks) while the GPU runs the next forward pass:
 
-1. **Rows are independent sequences.** A bucket holds ``rows`` sequences in a preallocated ``(rows, kv_heads, slots,
-   head_dim)`` cache (:class:`SlotCache`). Each row has its own attention mask over the slots, its own position ids
-   and its own write column, so a row can be refilled with a new prompt while the others keep decoding.
+1. **Rows are independent sequences.** A bucket (:class:`~polytask.local.bucket.Bucket`) holds ``rows`` sequences
+   in a preallocated ``(rows, kv_heads, slots, head_dim)`` cache (:class:`SlotCache`). Each row has its own
+   attention mask over the slots, its own position ids and its own write column, so a row can be refilled with a
+   new prompt while the others keep decoding.
 2. **Admission.** When rows are free and prompts wait (and enough rows are free, or a few steps passed), the waiting
    prompts are taken, grouped by shared token prefix (system prompt + task instructions + few-shot examples), and
    each group is prefilled in one forward pass straight into its rows: the shared prefix is computed once at batch
@@ -23,6 +24,13 @@ and does the per-step CPU work (grammar bitmasks) while the GPU runs the next fo
 
 Shapes: ``rows`` = a power of two up to 64, then a multiple of 64, at most the caller's ``max_rows``; ``slots`` =
 the longest prompt + its answer cap, rounded up to a multiple of 64.
+
+Where the parts live: this module's :class:`Engine` owns the model, the kept buckets and prefixes, the prefill
+forward pass and the counters, and runs the loop; :mod:`.batcher` is one pass of the loop (admission, decode steps,
+grow / compact), reaching the engine only through the :class:`~polytask.local.batcher.BatchEngine` protocol;
+:mod:`.bucket` is a bucket (cache, per-row device state, captured graph) and the copy of rows between buckets;
+:mod:`.rows` the table of per-row arrays; :mod:`.cache` the cache and attention; :mod:`.jobs` requests, answers
+and the job protocols.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import numpy as np
 import torch
 
 from .batcher import Batcher, bucket_rows
+from .bucket import Bucket
 from .cache import SlotCache, engine_attention, register_attention
 from .grammar import unpack_bits
 from .jobs import GenRequest, GenResult, Job, JobSource
@@ -46,85 +55,6 @@ from .jobs import GenRequest, GenResult, Job, JobSource
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 __all__ = ["Engine", "GenRequest", "GenResult", "Job", "JobSource", "SlotCache"]
-
-
-class _Bucket:
-    """A ``(rows, slots)`` bucket: its cache, the per-row step state and (on CUDA) the captured decode graph.
-
-    Per-row state on the device: ``ids`` (the token fed next), ``pos`` (its position id), ``cols`` (the cache
-    column it is written to) and ``mask`` (which columns the row attends to).
-    """
-
-    def __init__(self, engine: Engine, rows: int, slots: int) -> None:
-        cfg, dev = engine.config, engine.device
-        self.rows, self.slots = rows, slots
-        self.cache = SlotCache(
-            cfg.num_hidden_layers,
-            rows,
-            engine.kv_heads,
-            slots,
-            engine.head_dim,
-            dtype=engine.dtype,
-            device=dev,
-        )
-        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros((rows, 1), dtype=torch.long, device=dev)
-        self.cols = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.mask = torch.zeros((rows, 1, 1, slots), dtype=torch.bool, device=dev)
-        self.mask[..., 0] = True  # never an all-hidden row (a softmax over nothing is NaN)
-        self.logits: torch.Tensor | None = None
-        self.graph: Any = None
-        self.engine = engine
-
-    def forward(self) -> torch.Tensor:
-        with engine_attention(self.engine):
-            return self._forward()
-
-    def _forward(self) -> torch.Tensor:
-        e = self.engine
-        self.mask.scatter_(3, self.cols.view(-1, 1, 1, 1), True)
-        self.cache.write_cols = self.cols
-        kwargs: dict[str, Any] = {}
-        if e.takes_cache_position:
-            kwargs["cache_position"] = self.cols[:1]
-        out = e.model(
-            input_ids=self.ids,
-            position_ids=self.pos,
-            attention_mask=self.mask,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
-        logits: torch.Tensor = out.logits[:, -1, :]
-        return logits
-
-    def capture(self) -> None:
-        """Capture the decode step as a CUDA graph (before any row is in use: it writes column 0 of every row)."""
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.engine.graph_pool):
-            self.logits = self.forward()
-        self.engine.graph_pool = graph.pool()
-        self.graph = graph
-
-    def step(self) -> torch.Tensor:
-        """One decode step for every row; then advances ``pos`` and ``cols``. Returns ``(rows, vocab)`` logits
-        (on CUDA a buffer the next step overwrites)."""
-        if self.graph is not None:
-            self.graph.replay()
-            assert self.logits is not None
-            logits = self.logits
-        else:
-            logits = self.forward()
-        self.pos.add_(1).clamp_(max=self.engine.max_position - 1)  # free rows stay within learned position tables
-        self.cols.add_(1).clamp_(max=self.slots - 1)  # free rows keep writing their last column
-        return logits
 
 
 class Engine:
@@ -201,7 +131,7 @@ class Engine:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self._head = head if isinstance(head, torch.nn.Module) else None
         self.gqa = fused_gqa and register_attention()
-        self._buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[tuple[int, int], Bucket] = OrderedDict()
         self._prefix: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._mask_backend: str | None = None
         self._seconds: dict[str, float] = {}
@@ -231,14 +161,29 @@ class Engine:
         self._seconds[what] = self._seconds.get(what, 0.0) + seconds
         self.stats[f"{what}_ms"] = int(self._seconds[what] * 1000)
 
+    def count(self, what: str, n: int = 1) -> None:
+        """Add ``n`` to the ``what`` counter of :attr:`stats`."""
+        self.stats[what] += n
+
+    def close(self) -> None:
+        """Drop the buckets (caches, captured graphs), the kept prefixes, the graph memory pool and the model
+        reference, so their memory can go; :attr:`stats` stay readable. The engine cannot serve afterwards."""
+        self._buckets.clear()
+        self._prefix.clear()
+        self.graph_pool = None
+        self.model = None
+        self._head = None
+
     # ---------------------------------------------------------------- buckets and prefixes
-    def _bucket(self, rows: int, slots: int) -> _Bucket:
+    def bucket(self, rows: int, slots: int) -> Bucket:
+        """The kept ``(rows, slots)`` bucket, or a new one (its decode step captured on CUDA; the least recently
+        used bucket dropped beyond ``max_buckets``). Its rows' state is whatever the last user left."""
         key = (rows, slots)
         bucket = self._buckets.get(key)
         if bucket is None:
             while len(self._buckets) >= self.max_buckets:
                 self._buckets.popitem(last=False)
-            bucket = _Bucket(self, rows, slots)
+            bucket = Bucket(self, rows, slots)
             if self.cuda_graphs:
                 try:
                     bucket.capture()
@@ -251,7 +196,13 @@ class Engine:
         self._buckets.move_to_end(key)
         return bucket
 
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def drop_bucket(self, rows: int, slots: int) -> None:
+        """Stop keeping the ``(rows, slots)`` bucket (its memory goes once nothing else holds it)."""
+        self._buckets.pop((rows, slots), None)
+
+    def prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys / values of ``prefix`` (token ids) per layer, ``(1, kv_heads, len(prefix), head_dim)`` each:
+        kept from an earlier call (the last 8 prefixes are kept) or computed now at batch size 1."""
         kv = self._prefix.get(prefix)
         if kv is None:
             cache = SlotCache(
@@ -266,7 +217,7 @@ class Engine:
             cache.write_pos = torch.arange(len(prefix), device=self.device)
             ids = self.to_device([prefix])
             mask = torch.ones((len(prefix), len(prefix)), dtype=torch.bool, device=self.device).tril()[None, None]
-            self._call(ids, ids.new_tensor([list(range(len(prefix)))]), mask, cache)
+            self.forward(ids, ids.new_tensor([list(range(len(prefix)))]), mask, cache)
             kv = list(zip(cache.keys, cache.values, strict=True))
             while len(self._prefix) >= 8:
                 self._prefix.popitem(last=False)
@@ -274,7 +225,7 @@ class Engine:
         self._prefix.move_to_end(prefix)
         return kv
 
-    def _cached_prefix(self, prompts: list[list[int]]) -> int:
+    def cached_prefix(self, prompts: list[list[int]]) -> int:
         """The longest kept prefix that starts every prompt (and leaves each at least one token), or 0."""
         best = 0
         for key in self._prefix:
@@ -283,7 +234,10 @@ class Engine:
                 best = n
         return best
 
-    def _call(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One forward pass of the model (a prefill): token ``ids`` ``(n, length)`` at position ids ``pos``, attending
+        as the 4-D bool ``mask`` says, keys / values written to ``cache``. Returns the last position's logits,
+        ``(n, vocab)``."""
         kwargs: dict[str, Any] = {}
         if self.takes_cache_position:
             kwargs["cache_position"] = torch.arange(ids.shape[1], device=self.device)
