@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .backends.base import Backend
-from .documents import Document, DocumentResult
+from .documents import Document, DocumentResult, id_problem, surrogate_problem
 from .exceptions import AuthenticationError, PolytaskError, QuotaExceededError, ServerDownError
 from .orchestrator import Orchestrator, RunStats
 from .retry import RetryPolicy
@@ -119,18 +119,14 @@ class _Input:
             return invalid(f"invalid JSON: {error}")
         if not isinstance(data, dict):
             return invalid("not a JSON object")
-        try:
-            if "\\u" in line:  # only a \uXXXX escape can decode to a lone surrogate
-                json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as error:  # a "\ud800" escape: valid JSON, but not Unicode text
-            return invalid(f"holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not text")
+        problem = surrogate_problem(data) if "\\u" in line else None  # only a \uXXXX escape makes one
+        if problem is not None:
+            return invalid(problem)
         doc_id = data.get(self.id_field)
-        if doc_id is None:
-            doc_id = str(number)
-        elif isinstance(doc_id, str) or (isinstance(doc_id, int) and not isinstance(doc_id, bool)):
-            doc_id = str(doc_id)
-        else:
-            return invalid(f"field {self.id_field!r} must be a string or an integer, got {type(doc_id).__name__}")
+        problem = id_problem(doc_id)
+        if problem is not None:
+            return invalid(f"field {self.id_field!r} {problem}")
+        doc_id = str(number) if doc_id is None else str(doc_id)
         reserved = sorted(k for k in data if k.startswith(_RESERVED))
         if reserved:
             return invalid(f"field names starting with {_RESERVED!r} are reserved: {', '.join(reserved)}", doc_id)

@@ -5,6 +5,7 @@ Offsets everywhere are Python ``str`` indices (code points), end exclusive: ``te
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +17,33 @@ __all__ = [
     "PairResult",
     "Sentence",
     "Usage",
+    "id_problem",
+    "surrogate_problem",
 ]
+
+
+def id_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as a document id, or None when it is one: a string, or an integer that is not a
+    bool (used as its string); None means "none given" (the caller then numbers the document). One rule for the
+    Python API and the CLI."""
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return None
+    return f"must be a string or an integer, got {type(value).__name__}"
+
+
+def surrogate_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` (a string, or JSON data holding strings) as Unicode text, or None: a lone
+    surrogate (``"\\ud800"``, which a JSON escape decodes to) cannot be encoded, written or sent. The message names
+    the code point and, for a string, its offset."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+        else:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        where = f" at offset {error.start}" if isinstance(value, str) else ""
+        return f"holds an unpaired surrogate {error.object[error.start]!r}{where}, which is not Unicode text"
+    return None
 
 
 class Document(BaseModel):

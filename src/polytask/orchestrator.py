@@ -32,7 +32,7 @@ from ._checks import check_count, check_positive
 from .backends.base import Backend, settings_of
 from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
-from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
+from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
 from .estimates import PromptEstimator, cached_tiktoken_counter
 from .exceptions import (
     ConfigurationError,
@@ -114,25 +114,17 @@ class _Job:
 
 def _coerce(item: Any, position: int) -> Document:
     document = _document(item, position)
-    try:
-        document.text.encode("utf-8")
-    except UnicodeEncodeError as error:  # JSON's "\ud800" escape decodes to a lone surrogate, which is not text
-        raise InputError(
-            f"document {position}: 'text' holds an unpaired surrogate {error.object[error.start]!r} at offset "
-            f"{error.start}, which is not Unicode text",
-            field="text",
-        ) from None
+    problem = surrogate_problem(document.text)
+    if problem is not None:
+        raise InputError(f"document {position}: 'text' {problem}", field="text")
     return document
 
 
 def _document_id(value: Any, position: int) -> str:
-    if value is None:
-        return str(position)
-    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return str(value)
-    raise InputError(
-        f"document {position}: 'id' must be a string or an integer, got {type(value).__name__}", field="id"
-    )
+    problem = id_problem(value)
+    if problem is not None:
+        raise InputError(f"document {position}: 'id' {problem}", field="id")
+    return str(position) if value is None else str(value)
 
 
 def _document(item: Any, position: int) -> Document:
