@@ -142,10 +142,10 @@ def test_missing_text_field_is_named(tmp_path):
 
 
 def test_insufficient_quota_stops_and_still_writes_every_line(tmp_path, monkeypatch):
-    import polytask.cli as cli
+    import polytask.cli._options as cli
     from polytask.testing import SimulatorConfig
 
-    monkeypatch.setattr(cli, "_simulator_config", lambda *a: SimulatorConfig(faults={"insufficient_quota": 1.0}))
+    monkeypatch.setattr(cli, "simulator_config", lambda *a: SimulatorConfig(faults={"insufficient_quota": 1.0}))
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}. Two sentences."}}\n' for i in range(300)))
     out = tmp_path / "out.jsonl"
@@ -214,11 +214,11 @@ def test_output_that_is_a_folder_is_refused_before_the_run(tmp_path):
 
 
 def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monkeypatch):
-    import polytask.cli as cli
+    import polytask.cli._jsonl as cli
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(20)))
-    real = cli._result_record
+    real = cli.result_record
     seen = []
 
     def interrupt_after_five(result):  # Ctrl-C arrives while the sixth finished document is handled
@@ -227,7 +227,7 @@ def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monke
             raise KeyboardInterrupt
         return real(result)
 
-    monkeypatch.setattr(cli, "_result_record", interrupt_after_five)
+    monkeypatch.setattr(cli, "result_record", interrupt_after_five)
     out = tmp_path / "out.jsonl"
     result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
     assert result.exit_code == 130 and "interrupted:" in result.output
@@ -297,11 +297,11 @@ def test_sigterm_keeps_finished_documents_like_ctrl_c_and_exits_143(tmp_path, mo
     import os
     import signal
 
-    import polytask.cli as cli
+    import polytask.cli._jsonl as cli
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(20)))
-    real = cli._result_record
+    real = cli.result_record
     seen = []
 
     def terminate_after_five(result):  # `kill` arrives while the sixth finished document is handled
@@ -310,8 +310,10 @@ def test_sigterm_keeps_finished_documents_like_ctrl_c_and_exits_143(tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return real(result)
 
-    monkeypatch.setattr(cli, "_result_record", terminate_after_five)
-    monkeypatch.setattr(cli, "_TERMINATED", False)
+    monkeypatch.setattr(cli, "result_record", terminate_after_five)
+    from polytask.cli._exits import signals
+
+    monkeypatch.setattr(signals, "terminated", False)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out.jsonl"
     result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
@@ -338,14 +340,14 @@ def test_input_dash_is_stdin_and_dot_dash_is_a_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("max_outage", "code"), [("300", 2), ("0", 1)])
 def test_a_server_down_for_max_outage_exits_2_and_0_never_stops(tmp_path, monkeypatch, max_outage, code):
-    import polytask.cli as cli
+    import polytask.cli._options as cli
     from polytask.backends.function import FunctionBackend
     from polytask.concurrency import CircuitBreaker
 
     def dead(request):
         raise pt.ServerError("boom", status_code=500)
 
-    monkeypatch.setattr(cli, "_make_backend", lambda *args: FunctionBackend(dead))
+    monkeypatch.setattr(cli, "make_backend", lambda *args: FunctionBackend(dead))
     monkeypatch.setattr(CircuitBreaker, "outage", lambda self: 1000.0)  # down for 1,000 s already
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(5)))

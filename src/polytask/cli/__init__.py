@@ -1,0 +1,153 @@
+"""The ``polytask`` command: ``polytask run`` for JSON Lines batch jobs, ``polytask simulate`` for a local server.
+
+Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
+``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
+(insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
+not start; 130 when interrupted (143 on SIGTERM; the documents
+finished by then are kept in the partial file it names, or were already printed with ``-o -``); 141 when the reader
+of ``-o -`` went away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..exceptions import PolytaskError
+from ..orchestrator import Orchestrator
+from ..retry import RetryPolicy
+from . import _options
+from ._exits import err, fail, show_warnings, signals
+from ._jsonl import Input
+from ._options import TASK_HELP, check_local, check_numbers, check_paths, parse_task, parse_tasks
+from ._run import write_file, write_stdout
+
+__all__ = ["app", "main", "parse_task"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
+
+
+@app.command()
+def run(
+    input: Annotated[str, typer.Argument(help="JSON Lines input, one document per line; - for standard input.")],
+    output: Annotated[
+        str,
+        typer.Option("--output", "-o", help="JSON Lines output, one line per input document; - for standard output."),
+    ],
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
+    backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
+    model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")
+    ] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Most calls in flight (default 64; local: 2 × the batch size).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
+    attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
+    max_outage: Annotated[
+        float,
+        typer.Option(help="Stop the run after the server failed every call for this many seconds (0: never)."),
+    ] = 300.0,
+    context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    text_field: Annotated[str, typer.Option(help="Input field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
+    simulate: Annotated[
+        bool,
+        typer.Option(help="Run against the built-in simulator (no API key, no network); implied by --simulate-*."),
+    ] = False,
+    simulate_oracle: Annotated[
+        Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")
+    ] = None,
+    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
+    simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
+    allow_partial: Annotated[
+        bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
+    ] = False,
+) -> None:
+    """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
+    check_numbers(
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        concurrency=concurrency,
+        attempts=attempts,
+        max_outage=max_outage,
+        context=context,
+        simulate_faults=simulate_faults,
+        simulate_latency=simulate_latency,
+    )
+    simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
+    if backend == "local":
+        check_local(
+            {
+                "--base-url": base_url,
+                "--rpm": rpm,
+                "--tpm": tpm,
+                "--timeout": timeout != 60.0 or None,
+                "--simulate": simulate or None,
+                "--simulate-oracle": simulate_oracle,
+                "--simulate-faults": simulate_faults or None,
+                "--simulate-latency": simulate_latency or None,
+            }
+        )
+    tasks = parse_tasks(task)
+    in_path, out_path = check_paths(input, output, simulate_oracle)
+    show_warnings()
+    with contextlib.ExitStack() as stack, signals.handling_sigterm():
+        if simulated:
+            from ..testing import run_in_thread
+
+            config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
+            base_url = stack.enter_context(run_in_thread(config)).base_url
+        try:
+            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout)  # a local model loads here
+        except KeyboardInterrupt:
+            why, code = signals.interruption()
+            err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
+            raise typer.Exit(code) from None
+        try:
+            orch = Orchestrator(
+                the_backend,
+                tasks,
+                max_concurrency=concurrency,
+                retry=RetryPolicy(attempts=attempts),
+                max_outage=max_outage or None,
+                context_sentences=context,
+            )
+        except PolytaskError as error:
+            fail(str(error))
+        source = Input(in_path, text_field, id_field)
+        show = progress and sys.stderr.isatty()
+        if output == "-":
+            code = write_stdout(orch, source, show, allow_partial)
+        else:
+            code = write_file(orch, source, out_path, show, allow_partial)
+    raise typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit to enforce.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit to enforce.")] = None,
+    latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
+    oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
+    faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
+) -> None:
+    """Serve the OpenAI-compatible simulator until Ctrl-C."""
+    from ..testing import serve
+
+    serve(_options.simulator_config(rpm, tpm, latency, oracle, faults), host, port)
+
+
+def main() -> None:
+    app()

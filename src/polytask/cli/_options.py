@@ -1,0 +1,131 @@
+"""What ``polytask run``'s options become, each checked before anything is opened or started (a bad one exits 2
+naming it): the tasks, the numbers, the paths, and the backend (or the built-in simulator)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..backends.base import Backend
+from ..exceptions import PolytaskError
+from ..tasks import Classify, Entities, Sentiment, Task
+from ._exits import fail
+
+__all__ = [
+    "TASK_HELP",
+    "check_local",
+    "check_numbers",
+    "check_paths",
+    "make_backend",
+    "parse_task",
+    "parse_tasks",
+    "simulator_config",
+]
+
+TASK_HELP = (
+    "sentiment | entities | classify=LABEL1,LABEL2[,…] | classify-multi=LABEL1,LABEL2[,…] "
+    "(repeatable; default: sentiment and entities; results are keyed by these names)"
+)
+
+
+def parse_task(spec: str) -> Task[Any]:
+    """A built-in task from its CLI spelling (``sentiment``, ``entities``, ``classify=a,b``)."""
+    name, _, arg = spec.partition("=")
+    name = name.strip().lower()
+    if name == "sentiment" and not arg:
+        return Sentiment()
+    if name == "entities" and not arg:
+        return Entities()
+    if name in ("classify", "classify-multi") and arg:
+        labels = [x.strip() for x in arg.split(",") if x.strip()]
+        return Classify(labels, multi_label=name == "classify-multi", name=name)  # both can run at once
+    raise typer.BadParameter(f"unknown task {spec!r}; expected {TASK_HELP}", param_hint="--task")
+
+
+def parse_tasks(specs: list[str] | None) -> list[Task[Any]]:
+    """The tasks of ``--task`` (default: sentiment and entities)."""
+    try:
+        return [parse_task(spec) for spec in (specs or ["sentiment", "entities"])]
+    except PolytaskError as error:
+        fail(str(error))
+
+
+def check_numbers(**values: float | None) -> None:
+    """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
+    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts")
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value:g}")
+        if name in positive and not value > 0:
+            fail(f"--{name.replace('_', '-')} must be greater than 0, got {value:g}")
+        if not value >= 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {value:g}")
+    faults = values.get("simulate_faults") or 0
+    if faults > 1:
+        fail(f"--simulate-faults is a share of calls, from 0 to 1, got {faults:g}")
+
+
+def check_local(given: dict[str, Any]) -> None:
+    """``given``: option name → its value if the user set it, else None. The hosted-API options are an error with
+    ``--backend local``, not silently ignored."""
+    ignored = [name for name, value in given.items() if value is not None]
+    if ignored:
+        fail(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --backend local")
+
+
+def check_paths(input: str, output: str, oracle: Path | None) -> tuple[Path | None, Path]:
+    """``(input path or None for standard input, output path)``, after checking what can be checked up front."""
+    in_path = None if input == "-" else Path(input)  # standard input ("./-" is a file named "-")
+    if in_path is not None and not in_path.exists():
+        fail(f"the input {in_path} does not exist")
+    if in_path is not None and in_path.is_dir():
+        fail(f"the input {in_path} is a folder: name a JSON Lines file")
+    out_path = Path(output)
+    if output != "-":
+        if in_path is not None and out_path.exists() and out_path.resolve() == in_path.resolve():
+            fail(f"the output {output} is the input file: choose another path (the input would be overwritten)")
+        if out_path.is_dir():
+            fail(f"the output {output} is a folder: name a file")
+        if not out_path.parent.is_dir():
+            fail(f"the output folder {out_path.parent} does not exist")
+    if oracle is not None and not oracle.is_file():
+        fail(f"the simulator's gold file {oracle} does not exist")
+    return in_path, out_path
+
+
+def make_backend(
+    kind: str, model: str | None, base_url: str | None, rpm: float | None, tpm: float | None, timeout: float
+) -> Backend:
+    """The backend ``--backend`` names (a local model loads here)."""
+    try:
+        if kind == "openai":
+            from ..backends.openai import OpenAIBackend
+
+            return OpenAIBackend(model or "gpt-4o-mini", base_url=base_url, rpm=rpm, tpm=tpm, timeout=timeout)
+        if kind == "local":
+            from ..backends.transformers import TransformersBackend
+
+            return TransformersBackend(model)
+    except PolytaskError as error:
+        fail(str(error))
+    raise typer.BadParameter(f"unknown backend {kind!r}; expected openai or local", param_hint="--backend")
+
+
+def simulator_config(rpm: float | None, tpm: float | None, latency: float, oracle: Path | None, faults: float) -> Any:
+    """A simulator configuration whose transient faults (429, 500, 503, connection reset) add up to ``faults``."""
+    from ..testing import FaultRates, SimulatorConfig
+
+    share = faults / 4
+    return SimulatorConfig(
+        rpm=rpm,
+        tpm=tpm,
+        latency=latency,
+        latency_sigma=0.5 if latency else 0.0,
+        gold_path=oracle,
+        faults=FaultRates(rate_limit=share, server_error=share, unavailable=share, reset=share),
+    )
