@@ -5,7 +5,7 @@
 - :class:`Contender`: one client program (``_contenders.py``) in its own process, pinned to core 1; it sets up,
   prints ``READY``, waits for ``GO`` on stdin (so parallel contenders start together and set-up is not timed), runs,
   and prints one JSON line with its result.
-- The workloads every contender sends (the same messages, built with :func:`polytask.prompts.build_messages`),
+- The workloads every contender sends (the same messages, built with :func:`polytask._prompts.build_messages`),
   the ideal-schedule bounds, a table printer and the ``--json`` writer.
 
 Not a public module: the scripts import it as ``_bench`` (they put their own folder first on ``sys.path``).
@@ -263,7 +263,7 @@ def request_charges(texts: Sequence[str], max_tokens: int) -> list[int]:
     messages every contender sends (``build_messages(Sentiment(), text)``).
     """
     from polytask import Sentiment
-    from polytask.prompts import build_messages
+    from polytask._prompts import build_messages
     from polytask.testing import simulator
 
     task = Sentiment()

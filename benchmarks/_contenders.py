@@ -4,7 +4,7 @@ Protocol (driven by ``_bench.Contender``): set up (imports, client, warm-up call
 on stdin, run every call, print one JSON line with the result. Timing and CPU time (``time.process_time``, the
 whole process) cover only the run after ``GO``.
 
-Every contender sends the same requests: the messages ``polytask.prompts.build_messages(Sentiment(), text)``, a
+Every contender sends the same requests: the messages ``polytask._prompts.build_messages(Sentiment(), text)``, a
 strict ``json_schema`` response format, ``temperature`` 0 and ``max_completion_tokens``, one call per text, at most
 ``concurrency`` in flight. Programs (``spec["contender"]``):
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import MODEL, fidelity_prompts, overhead_sentences
 
 from polytask import Sentence, Sentiment
-from polytask.prompts import build_messages
+from polytask._prompts import build_messages
 from polytask.tasks.sentiment import SentimentAnswer
 
 API_KEY = "sk-bench-not-a-real-key"

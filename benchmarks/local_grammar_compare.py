@@ -11,7 +11,7 @@ set up for compact JSON (no free whitespace) as ``polytask.local.grammar`` does 
    accepts exactly those that ``task.parse`` accepts. A false accept means the library can emit an invalid
    answer; a false reject means it forbids a valid one.
 3. **Greedy decoding**: ``--sentences`` EWT sentences (``examples/ewt_dev.jsonl``) through
-   ``polytask.prompts.build_messages`` and the chat template, decoded greedily in batches of 8 under the
+   ``polytask._prompts.build_messages`` and the chat template, decoded greedily in batches of 8 under the
    library's mask up to 96 new tokens (entities) or 32 (the others); answers are counted as valid (stopped and
    ``task.parse`` accepts them), cut (hit the cap), invalid (stopped but ``task.parse`` rejects them, or the
    mask left no token: should be 0). Prompt prefills are computed once and shared by every library.
@@ -50,7 +50,7 @@ os.environ.setdefault("LMFE_MAX_CONSECUTIVE_WHITESPACES", "0")  # compact JSON, 
 import torch
 
 import polytask as pt
-from polytask.prompts import build_messages
+from polytask._prompts import build_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "ewt_dev.jsonl"

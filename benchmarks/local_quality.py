@@ -20,9 +20,9 @@ from pathlib import Path
 
 import anyio
 
+from polytask._prompts import build_messages
 from polytask.backends.base import ChatRequest
 from polytask.backends.transformers import TransformersBackend
-from polytask.prompts import build_messages
 from polytask.tasks.entities import Entities, EntitiesAnswer, EntityMention
 from polytask.tasks.sentiment import Sentiment
 

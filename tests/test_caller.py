@@ -7,10 +7,10 @@ import pytest
 from pydantic import BaseModel
 
 import polytask as pt
-from polytask.caller import AskError, Caller, CallStats
+from polytask._caller import AskError, Caller, CallStats
+from polytask._estimates import PromptEstimator
+from polytask._prompts import build_messages, reask_messages
 from polytask.concurrency import AdaptiveConcurrency, CircuitBreaker
-from polytask.estimates import PromptEstimator
-from polytask.prompts import build_messages, reask_messages
 from polytask.testing.clock import FakeClock
 
 pytestmark = pytest.mark.anyio

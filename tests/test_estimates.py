@@ -1,6 +1,6 @@
 import pytest
 
-from polytask.estimates import CompletionBudget, PromptEstimator, cached_tiktoken_counter
+from polytask._estimates import CompletionBudget, PromptEstimator, cached_tiktoken_counter
 
 
 def test_prompt_estimate_calibrates_to_the_servers_count():

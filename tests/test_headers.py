@@ -2,7 +2,7 @@ import email.utils
 
 import pytest
 
-from polytask.headers import parse_duration, parse_rate_limit_headers, parse_retry_after
+from polytask._headers import parse_duration, parse_rate_limit_headers, parse_retry_after
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 import polytask as pt
-from polytask.prompts import (
+from polytask._prompts import (
     SCHEMA_MARKER,
     add_schema_to_system,
     build_messages,

@@ -226,7 +226,7 @@ def test_strict_schema_keeps_a_field_named_default_and_mapping_values():
 def test_aliases_are_what_the_schema_asks_and_the_examples_show():
     from pydantic import Field
 
-    from polytask.prompts import build_messages
+    from polytask._prompts import build_messages
 
     class Person(BaseModel):
         full_name: str = Field(alias="fullName")
@@ -272,7 +272,7 @@ def test_an_answer_model_without_a_json_schema_fails_when_built():
 def test_recursive_and_root_models_get_an_object_schema():
     from pydantic import RootModel
 
-    from polytask.prompts import build_messages
+    from polytask._prompts import build_messages
 
     class Node(BaseModel):
         name: str

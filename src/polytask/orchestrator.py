@@ -28,12 +28,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._caller import AskError, Caller, CallStats
 from ._checks import check_count, check_positive
+from ._estimates import PromptEstimator, cached_tiktoken_counter
+from ._prompts import build_messages
 from .backends.base import Backend, settings_of
-from .caller import AskError, Caller, CallStats
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
-from .estimates import PromptEstimator, cached_tiktoken_counter
 from .exceptions import (
     ConfigurationError,
     InputError,
@@ -44,7 +45,6 @@ from .exceptions import (
     is_outage_sign,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
-from .prompts import build_messages
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks.base import Task

@@ -22,12 +22,12 @@ import openai
 
 from .. import exceptions as exc
 from .._checks import check_count, check_positive
+from .._headers import parse_rate_limit_headers, parse_retry_after
 from .._http import AiohttpClient, HTTPClient, Httpx2Client, async_library, translate_transport_errors
+from .._prompts import add_schema_to_system
 from .._version import __version__
 from ..chat import ChatRequest, ChatResponse
 from ..exceptions import ConfigurationError
-from ..headers import parse_rate_limit_headers, parse_retry_after
-from ..prompts import add_schema_to_system
 from .base import BackendSettings, SettingsAttributes
 
 logger = logging.getLogger("polytask")

@@ -33,8 +33,8 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from .._prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from ..chat import Message
-from ..prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer
 from .ratelimit import Clock, ServerRateLimiter

@@ -16,11 +16,12 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
+from ._estimates import CompletionBudget, PromptEstimator
+from ._prompts import reask_messages
 from .backends.base import Backend
 from .chat import ChatRequest, ChatResponse, Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Usage
-from .estimates import CompletionBudget, PromptEstimator
 from .exceptions import (
     AnswerValidationError,
     APIStatusError,
@@ -33,7 +34,6 @@ from .exceptions import (
     is_server_failure,
 )
 from .limits import Clock, RateLimiter
-from .prompts import reask_messages
 from .retry import RetryPolicy
 from .tasks.base import Task
 

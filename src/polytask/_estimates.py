@@ -1,7 +1,7 @@
 """Token estimates that track what the server actually counts.
 
 - Prompt tokens: tiktoken when it is installed and the model's encoding file is already in its local cache (it is
-  never downloaded), otherwise :func:`polytask.prompts.estimate_tokens`; either way scaled by a ratio calibrated from
+  never downloaded), otherwise :func:`polytask._prompts.estimate_tokens`; either way scaled by a ratio calibrated from
   the ``usage.prompt_tokens`` the server returns (the 90th percentile of recent actual / estimated ratios, so the
   estimate errs high, by little).
 - Completion tokens: per task, a cap learned from what that task's answers used (the largest of the last 200, plus
@@ -20,8 +20,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._prompts import estimate_tokens
 from .chat import Message
-from .prompts import estimate_tokens
 
 __all__ = ["CompletionBudget", "PromptEstimator", "cached_tiktoken_counter"]
 
