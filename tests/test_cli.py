@@ -388,3 +388,16 @@ def test_a_slow_pipe_does_not_hold_back_the_documents_already_read(tmp_path):
     assert result.exit_code == 0, result.output
     assert saw_first.is_set()
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+
+def test_a_line_cut_off_mid_string_is_named_as_such_whatever_its_line_ending(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"id": "a", "text": "Fine."}\n{"id": "b", "text": "broken\r\n{"id": "c", "text": "cut\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line.get("error", {}).get("message", "")[:30] for line in lines][1:] == [
+        "line 2: invalid JSON: Untermin",
+        "line 3: invalid JSON: Untermin",
+    ]

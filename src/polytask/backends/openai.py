@@ -15,9 +15,8 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx2
 import openai
 
 from .. import exceptions as exc
@@ -29,6 +28,9 @@ from .._version import __version__
 from ..chat import ChatRequest, ChatResponse
 from ..exceptions import ConfigurationError
 from .base import BackendSettings, SettingsAttributes
+
+if TYPE_CHECKING:
+    import httpx2
 
 logger = logging.getLogger("polytask")
 

@@ -53,7 +53,7 @@ class Input:
             return {"id": doc_id, "line": number, "error": error}
 
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").rstrip("\r\n")  # a cut-off line's error then names the cut, not the newline
         except UnicodeDecodeError as error:
             return invalid(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1})")
         try:
