@@ -13,6 +13,12 @@ DATA = Path(__file__).parent / "data"
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    """Each test's runs share a request cache of their own (the CLI caches by default)."""
+    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path / "polytask-cache"))
+
+
 def run_cli(*args):
     return runner.invoke(app, ["run", *map(str, args), "--no-progress"], catch_exceptions=False)
 
@@ -401,3 +407,31 @@ def test_a_line_cut_off_mid_string_is_named_as_such_whatever_its_line_ending(tmp
         "line 2: invalid JSON: Untermin",
         "line 3: invalid JSON: Untermin",
     ]
+
+
+def summary_value(output: str, name: str) -> str:
+    """The value cell of the summary table's row ``name``."""
+    (line,) = [line for line in output.splitlines() if f"│ {name} " in line]
+    return line.split("│")[2].strip()
+
+
+def test_the_same_command_twice_pays_once_and_writes_the_same_lines(tmp_path):
+    source = DATA / "oracle_sample.jsonl"
+    outs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "three.jsonl"]
+    first = run_cli(source, "-o", outs[0], "--simulate-oracle", source, "-t", "sentiment", "-t", "entities")
+    second = run_cli(source, "-o", outs[1], "--simulate-oracle", source, "-t", "sentiment", "-t", "entities")
+    assert first.exit_code == second.exit_code == 0
+    assert summary_value(first.output, "answers from the cache") == "0"
+    assert summary_value(second.output, "requests").split()[0] == "0"  # not one call the second time
+    pairs_ok = summary_value(first.output, "pairs ok / failed").split(" / ")[0]
+    assert summary_value(second.output, "answers from the cache") == pairs_ok
+
+    def answers(path):  # what the documents say (not what they cost: attempts, usage and time differ)
+        records = [json.loads(line) for line in path.open()]
+        return [(r["id"], r["results"], [(p["task"], p["answer"], p["error"]) for p in r["pairs"]]) for r in records]
+
+    assert answers(outs[0]) == answers(outs[1])
+    third = run_cli(source, "-o", outs[2], "--simulate-oracle", source, "-t", "sentiment", "--no-cache")
+    assert third.exit_code == 0 and summary_value(third.output, "answers from the cache") == "0"
+    both = run_cli(source, "-o", outs[2], "--simulate", "--no-cache", "--cache", tmp_path / "c.sqlite")
+    assert both.exit_code == 2 and "contradict" in both.output

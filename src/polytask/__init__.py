@@ -20,6 +20,7 @@ from ._version import __version__
 from .backends.base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
+from .cache import RequestCache
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .exceptions import (
     AnswerError,
@@ -111,6 +112,7 @@ __all__ = [
     "RateLimitHeaders",
     "RateLimiter",
     "RefusalError",
+    "RequestCache",
     "RequestTooLargeError",
     "RetryPolicy",
     "RunStats",

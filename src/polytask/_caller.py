@@ -1,5 +1,8 @@
 """One (sentence, task) question, asked until it has a validated answer or a typed error.
 
+With a request cache (:mod:`polytask.cache`), a question answered before is answered from it: no call, no rate-limit
+budget, no tokens; a newly validated answer is stored under the question's key.
+
 A call goes: circuit breaker → concurrency slot → rate limiter (reserve estimated tokens) → backend → settle the
 reservation with the real usage, feed the limits learned from headers, the token calibration, the concurrency
 controller and the breaker → validate; retried by the :class:`~polytask.RetryPolicy` (each retry goes back through
@@ -19,6 +22,7 @@ from pydantic import ValidationError
 from ._estimates import CompletionBudget, PromptEstimator
 from ._prompts import reask_messages
 from .backends.base import Backend
+from .cache import RequestCache
 from .chat import ChatRequest, ChatResponse, Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Usage
@@ -52,6 +56,7 @@ class CallStats:
     rate_limited: int = 0
     retries: int = 0
     reasks: int = 0
+    cache_hits: int = 0
 
 
 @dataclass
@@ -92,7 +97,11 @@ class Caller:
         clock: Clock,
         temperature: float,
         stats: CallStats,
+        cache: RequestCache | None = None,
+        identity: str = "",
     ) -> None:
+        self.cache = cache
+        self.identity = identity
         self.backend = backend
         self.retry = retry
         self.limiter = limiter
@@ -126,6 +135,23 @@ class Caller:
         """
         attempts = 0
         reasked = False
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(
+                self.identity, task.name, task.json_schema(), task.max_tokens, messages, self.temperature
+            )
+            try:
+                hit = self.cache.get(key)
+            except Exception as error:
+                raise AskError(error, 0, False) from error
+            if hit is not None:
+                try:
+                    value = task.parse(hit.content)
+                except ValidationError:  # no longer valid (the task's parsing changed): asked again below
+                    pass
+                else:
+                    self.stats.cache_hits += 1
+                    return Answer(value, 0, False)
 
         def count() -> None:
             nonlocal attempts
@@ -148,6 +174,8 @@ class Caller:
                     raise AnswerValidationError(
                         f"invalid answer after one re-ask: {_short(error2)}", content=response.content or ""
                     ) from None
+            if key is not None and self.cache is not None:  # under the question's own key, re-asked or not
+                self.cache.put(key, response.content or "", response.prompt_tokens, response.completion_tokens)
         except Exception as error:
             raise AskError(error, attempts, reasked) from error
         return Answer(value, attempts, reasked)

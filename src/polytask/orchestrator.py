@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from ._checks import check_count, check_positive
 from ._estimates import PromptEstimator, cached_tiktoken_counter
 from ._prompts import build_messages
 from .backends.base import Backend, settings_of
+from .cache import RequestCache
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
 from .exceptions import (
@@ -215,6 +217,10 @@ class Orchestrator:
             with :class:`~polytask.ServerDownError` (default 300; None never stops). A dead server otherwise costs
             each remaining pair its retries, one cooldown (up to 60 s) each: hours for a large job.
         close_backend: close the backend when the ``async with`` block ends (default True).
+        cache: a :class:`~polytask.cache.RequestCache`, or the path of one (opened here, closed with the
+            orchestrator), or None (default): a question answered before — same backend identity, task, messages
+            and temperature — is answered from it with no call, no rate-limit budget and no tokens
+            (``stats.cache_hits``); every newly validated answer is stored.
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
 
@@ -252,6 +258,7 @@ class Orchestrator:
         close_backend: bool = True,
         clock: Clock | None = None,
         segmenter: Callable[..., list[Sentence]] = segment,
+        cache: RequestCache | str | os.PathLike[str] | None = None,
     ) -> None:
         tasks = list(tasks)
         if not tasks:
@@ -294,6 +301,8 @@ class Orchestrator:
         )
         self.breaker = CircuitBreaker(clock=self.clock)
         counter = cached_tiktoken_counter(declared.token_model) if declared.token_model else None
+        self._owns_cache = cache is not None and not isinstance(cache, RequestCache)
+        self.cache = RequestCache(cache) if cache is not None and not isinstance(cache, RequestCache) else cache
         self.caller = Caller(
             backend,
             retry=self.retry,
@@ -304,6 +313,8 @@ class Orchestrator:
             clock=self.clock,
             temperature=temperature,
             stats=self.stats,
+            cache=self.cache,
+            identity=declared.identity or backend.name,
         )
         self.close_backend = close_backend
         self._tg: TaskGroup | None = None
@@ -311,6 +322,8 @@ class Orchestrator:
     async def aclose(self) -> None:
         """Close the backend (when ``close_backend``), as the end of ``async with`` does: for an orchestrator used
         without ``async with`` (``run`` / ``process`` only), so its connections are not left open."""
+        if self._owns_cache and self.cache is not None:
+            self.cache.close()
         if self.close_backend:
             with anyio.CancelScope(shield=True):
                 await self.backend.aclose()

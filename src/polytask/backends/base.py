@@ -40,6 +40,9 @@ class BackendSettings:
             where there is no server to overload (a local model's latency grows with its batch, not with load).
         token_model: a model name tiktoken knows, for counting prompt tokens before sending (None: estimate
             from characters, calibrated on the server's counts).
+        identity: what tells this backend's answers apart from another's for the same request, for the request
+            cache (:mod:`polytask.cache`): the server's base URL and model, or the local model and its decoding
+            settings. Never a secret. None: the backend's ``name``.
     """
 
     rpm: float | None = None
@@ -47,6 +50,7 @@ class BackendSettings:
     concurrency: int | None = None
     adaptive_concurrency: bool = True
     token_model: str | None = None
+    identity: str | None = None
 
 
 @runtime_checkable

@@ -76,6 +76,9 @@ class OpenAIBackend(SettingsAttributes):
         organization, project: sent as ``OpenAI-Organization`` / ``OpenAI-Project``; default
             ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID``, as the openai SDK reads them.
         extra_body: extra JSON fields sent with every request.
+        cache_identity: what tells this server's answers apart in a request cache (default: the base URL, the
+            model and ``extra_body``; never the API key). Give one that stays the same where the URL does not
+            (a gateway that moves, a server on a new port).
 
     ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
     is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
@@ -102,6 +105,7 @@ class OpenAIBackend(SettingsAttributes):
         organization: str | None = None,
         project: str | None = None,
         extra_body: dict[str, Any] | None = None,
+        cache_identity: str | None = None,
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (api_key or os.environ.get("OPENAI_API_KEY") or "").strip() or None
@@ -125,7 +129,6 @@ class OpenAIBackend(SettingsAttributes):
         if http_client is not None and http != "sdk":
             http = "httpx2"
         self.model = model
-        self.settings = BackendSettings(rpm=rpm, tpm=tpm, token_model=model)
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
         self.fallbacks: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
@@ -133,6 +136,10 @@ class OpenAIBackend(SettingsAttributes):
         self.http: HTTPMode | None = http  # None: chosen per call by the running async library
         self.timeout = timeout
         self.base_url = (base_url or _DEFAULT_BASE_URL).rstrip("/")
+        if cache_identity is None:
+            extra = json.dumps(extra_body, sort_keys=True, default=str) if extra_body else ""
+            cache_identity = f"openai {self.base_url} {model} {extra}".strip()
+        self.settings = BackendSettings(rpm=rpm, tpm=tpm, token_model=model, identity=cache_identity)
         self._url = self.base_url + "/chat/completions"
         self._secret = api_key
         self._extra_body = extra_body or {}

@@ -128,7 +128,6 @@ class TransformersBackend(SettingsAttributes):
         if where.type == "cuda" and not torch.cuda.is_available():
             raise ConfigurationError(f"device {device!r}: this torch build or machine has no CUDA GPU; use 'cpu'")
         self.max_batch_size = max_batch_size or (256 if device.startswith("cuda") else 32)
-        self.settings = BackendSettings(concurrency=2 * self.max_batch_size, adaptive_concurrency=False)
         if device.startswith("cpu"):
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         if dtype == "auto":
@@ -140,12 +139,22 @@ class TransformersBackend(SettingsAttributes):
         if model is None or isinstance(model, (str, os.PathLike)):
             self.model, self.tokenizer = load_model(model, device=device, dtype=dtype)
             label = "embedded-smollm2-135m" if model is None else Path(os.fspath(model)).name or str(model)
+            given = Path(os.fspath(model)) if model is not None else None
+            source = "embedded-smollm2-135m" if given is None else str(given.resolve() if given.exists() else model)
         else:
             if tokenizer is None:
                 raise ConfigurationError("pass tokenizer= together with a loaded model object")
             self.model, self.tokenizer = model.to(device=device, dtype=dtype).eval(), tokenizer
             label = type(model).__name__
+            # where its weights came from, if transformers recorded it; else this object only (weights built in
+            # memory could be anything, so their answers are never shared with another process's)
+            source = str(getattr(model.config, "_name_or_path", "") or f"in-memory {label} {id(model):x}")
         self.name = f"local:{label}"
+        self.settings = BackendSettings(
+            concurrency=2 * self.max_batch_size,
+            adaptive_concurrency=False,
+            identity=f"local {source} dtype={dtype} repetition_penalty={self.repetition_penalty:g}",
+        )
         tok, cfg = self.tokenizer, self.model.config
         stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

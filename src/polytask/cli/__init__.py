@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from ..cache import default_cache_path
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator
 from ..retry import RetryPolicy
@@ -67,6 +68,14 @@ def run(
     ] = None,
     simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
     simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Request cache (SQLite): answers validated before are not paid for again "
+            "(default: $POLYTASK_CACHE_DIR/requests.sqlite, else ~/.cache/polytask/requests.sqlite)."
+        ),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the request cache.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
     allow_partial: Annotated[
         bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
@@ -99,16 +108,23 @@ def run(
             }
         )
     tasks = parse_tasks(task)
+    if no_cache and cache is not None:
+        fail("--cache and --no-cache contradict each other: pass one")
     in_path, out_path = check_paths(input, output, simulate_oracle)
     show_warnings()
     with contextlib.ExitStack() as stack, signals.handling_sigterm():
+        identity = None
         if simulated:
             from ..testing import run_in_thread
 
             config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
             base_url = stack.enter_context(run_in_thread(config)).base_url
+            # its answers depend on its seed and gold file, not on the port it got this time
+            identity = (
+                f"polytask-simulator seed={config.seed} oracle={simulate_oracle.resolve() if simulate_oracle else ''}"
+            )
         try:
-            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout)  # a local model loads here
+            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout, identity)
         except KeyboardInterrupt:
             why, code = signals.interruption()
             err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
@@ -121,6 +137,7 @@ def run(
                 retry=RetryPolicy(attempts=attempts),
                 max_outage=max_outage or None,
                 context_sentences=context,
+                cache=None if no_cache else (cache or default_cache_path()),
             )
         except PolytaskError as error:
             fail(str(error))

@@ -99,14 +99,28 @@ def check_paths(input: str, output: str, oracle: Path | None) -> tuple[Path | No
 
 
 def make_backend(
-    kind: str, model: str | None, base_url: str | None, rpm: float | None, tpm: float | None, timeout: float
+    kind: str,
+    model: str | None,
+    base_url: str | None,
+    rpm: float | None,
+    tpm: float | None,
+    timeout: float,
+    cache_identity: str | None = None,
 ) -> Backend:
-    """The backend ``--backend`` names (a local model loads here)."""
+    """The backend ``--backend`` names (a local model loads here); ``cache_identity``: see
+    :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not)."""
     try:
         if kind == "openai":
             from ..backends.openai import OpenAIBackend
 
-            return OpenAIBackend(model or "gpt-4o-mini", base_url=base_url, rpm=rpm, tpm=tpm, timeout=timeout)
+            return OpenAIBackend(
+                model or "gpt-4o-mini",
+                base_url=base_url,
+                rpm=rpm,
+                tpm=tpm,
+                timeout=timeout,
+                cache_identity=cache_identity,
+            )
         if kind == "local":
             from ..backends.transformers import TransformersBackend
 

@@ -42,6 +42,7 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tabl
         ),
         ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
+        ("answers from the cache", f"{stats.cache_hits}"),
         ("elapsed", f"{elapsed:.1f} s"),
     ]
     for key, value in rows:
