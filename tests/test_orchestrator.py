@@ -748,3 +748,21 @@ def test_a_backend_without_settings_keeps_its_rpm_and_tpm_and_bad_settings_are_n
 
     with pytest.raises(pt.ConfigurationError, match="BackendSettings"):
         pt.Orchestrator(Wrong(), [pt.Sentiment()])
+
+
+def test_a_backend_without_settings_that_declares_only_rpm_keeps_it():
+    class Old:
+        name = "old"
+        rpm = 100.0
+        preferred_concurrency = 4
+        adaptive_concurrency = False
+
+        async def complete(self, request):
+            return pt.ChatResponse(content="{}")
+
+        async def aclose(self):
+            pass
+
+    orch = pt.Orchestrator(Old(), [pt.Sentiment()])
+    assert orch.limiter.rpm == 100.0 and orch.limiter.tpm is None
+    assert orch.max_concurrency == 4 and orch.concurrency.decrease == 1.0

@@ -91,11 +91,23 @@ class SettingsAttributes:
 
 
 @runtime_checkable
-class _DeclaresLimits(Protocol):
-    """A backend written against polytask 0.1's seam, which declared ``rpm`` / ``tpm`` attributes and no settings."""
-
+class _HasRpm(Protocol):
     rpm: float | None
+
+
+@runtime_checkable
+class _HasTpm(Protocol):
     tpm: float | None
+
+
+@runtime_checkable
+class _HasConcurrency(Protocol):
+    preferred_concurrency: int | None
+
+
+@runtime_checkable
+class _HasAdaptive(Protocol):
+    adaptive_concurrency: bool
 
 
 @runtime_checkable
@@ -119,6 +131,9 @@ def settings_of(backend: object) -> BackendSettings:
                 f"{type(backend).__name__}.settings must be a polytask.BackendSettings, got {type(settings).__name__}"
             )
         return settings
-    if isinstance(backend, _DeclaresLimits):
-        return BackendSettings(rpm=backend.rpm, tpm=backend.tpm)
-    return BackendSettings()
+    return BackendSettings(  # each 0.1 attribute on its own: a backend that declared only ``rpm`` keeps it
+        rpm=backend.rpm if isinstance(backend, _HasRpm) else None,
+        tpm=backend.tpm if isinstance(backend, _HasTpm) else None,
+        concurrency=backend.preferred_concurrency if isinstance(backend, _HasConcurrency) else None,
+        adaptive_concurrency=backend.adaptive_concurrency if isinstance(backend, _HasAdaptive) else True,
+    )
