@@ -23,6 +23,13 @@ def run_cli(*args):
     return runner.invoke(app, ["run", *map(str, args), "--no-progress"], catch_exceptions=False)
 
 
+def partial_records(path):
+    """The document records of a partial file (its first line names the job)."""
+    header, *lines = path.read_text().splitlines()
+    assert json.loads(header)["format"] == "polytask-partial/1"
+    return [json.loads(line) for line in lines]
+
+
 def test_run_writes_one_line_per_document_in_order(tmp_path):
     out = tmp_path / "out.jsonl"
     source = DATA / "oracle_sample.jsonl"
@@ -239,9 +246,21 @@ def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monke
     assert result.exit_code == 130 and "interrupted:" in result.output
     assert not out.exists()
     (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    assert kept.name in result.output.replace("\n", "")
-    lines = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert kept.name in result.output.replace("\n", "") and "rerun the same command" in result.output
+    lines = partial_records(kept)
     assert len(lines) == 5 and all("results" in r for r in lines)
+
+    monkeypatch.setattr(cli, "result_record", real)  # the same command again: it resumes
+    again = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
+    assert again.exit_code == 0, again.output
+    assert summary_value(again.output, "documents finished by an earlier run") == "5"
+    # the sixth document's answer reached the cache before the interruption: 14 calls are left, not 15
+    assert summary_value(again.output, "requests").split()[0] == "14"
+    assert summary_value(again.output, "answers from the cache") == "1"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"d{i}" for i in range(20)]  # every line once, in input order
+    assert records[:5] == lines  # the earlier run's records, as they were
+    assert not kept.exists()  # the output is complete: the partial file has done its job
 
 
 def test_surrogate_id_reserved_fields_and_a_bom_before_a_blank_line(tmp_path):
@@ -325,7 +344,7 @@ def test_sigterm_keeps_finished_documents_like_ctrl_c_and_exits_143(tmp_path, mo
     result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment", "--concurrency", "1")
     assert result.exit_code == 143 and "terminated:" in result.output
     (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    lines = [json.loads(line) for line in kept.read_text().splitlines()]
+    lines = partial_records(kept)
     assert 5 <= len(lines) < 20 and all("results" in r for r in lines)  # stops at the event loop's next turn
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
@@ -381,7 +400,7 @@ def test_a_slow_pipe_does_not_hold_back_the_documents_already_read(tmp_path):
             f.write('{"id": "a", "text": "One."}\n')
             f.flush()
             for _ in range(1000):  # up to 10 s
-                if any(p.name.endswith(".partial") and p.read_text() for p in tmp_path.iterdir()):
+                if any(p.name.endswith(".partial") and p.read_text().count("\n") > 1 for p in tmp_path.iterdir()):
                     saw_first.set()
                     break
                 threading.Event().wait(0.01)

@@ -5,7 +5,8 @@ Exit status of ``run``: 0 when every document succeeded; 1 when any document is 
 (insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
 not start; 130 when interrupted (143 on SIGTERM; the documents
 finished by then are kept in the partial file it names, or were already printed with ``-o -``); 141 when the reader
-of ``-o -`` went away.
+of ``-o -`` went away. After exit 2, 130, 143 or any death (kill -9), the same command resumes: the documents its
+partial file holds are not asked again (``--restart`` starts over), see :mod:`polytask.cli._journal`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Annotated
 
 import typer
 
+from ..backends.base import settings_of
 from ..cache import default_cache_path
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator
 from ..retry import RetryPolicy
 from . import _options
 from ._exits import err, fail, show_warnings, signals
+from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
 from ._options import TASK_HELP, check_local, check_numbers, check_paths, parse_task, parse_tasks
 from ._run import write_file, write_stdout
@@ -76,6 +79,13 @@ def run(
         ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the request cache.")] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Discard what an unfinished earlier run of OUTPUT left in its partial file, instead of resuming.",
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
     allow_partial: Annotated[
         bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
@@ -146,7 +156,27 @@ def run(
         if output == "-":
             code = write_stdout(orch, source, show, allow_partial)
         else:
-            code = write_file(orch, source, out_path, show, allow_partial)
+            job = job_fingerprint(
+                tasks,
+                settings_of(the_backend).identity or the_backend.name,
+                in_path,
+                context=context,
+                text_field=text_field,
+                id_field=id_field,
+            )
+            try:
+                journal = Journal(out_path, job, restart=restart)
+            except PolytaskError as error:
+                fail(str(error))
+            if journal.dropped:
+                err.print(
+                    f"[yellow]resuming:[/] {journal.dropped} bytes of a line cut off when the earlier run died were "
+                    "dropped; that document is run again",
+                    soft_wrap=True,
+                )
+            if journal.finished:
+                err.print(f"resuming: {journal.finished} document(s) finished by an earlier run are kept")
+            code = write_file(orch, source, journal, show, allow_partial)
     raise typer.Exit(code)
 
 

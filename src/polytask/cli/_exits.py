@@ -117,15 +117,15 @@ class Signals:
 signals = Signals()
 
 
-def keep_partial(path: Path, written: int, output: Path, error: BaseException) -> None:
-    """The run did not finish: keep the ``written`` documents already in ``path`` (and say where), or leave nothing
-    behind; an interruption then exits 130 / 143."""
+def keep_partial(path: Path, kept: int, output: Path, error: BaseException) -> None:
+    """The run did not finish: keep the ``kept`` finished documents in the partial file ``path`` (and say where, and
+    that the same command resumes), or leave nothing behind; an interruption then exits 130 / 143."""
     interrupted = holds(error, KeyboardInterrupt)
     why = signals.interruption()[0] if interrupted else f"failed ({type(error).__name__})"
-    if written:
+    if kept:
         err.print(
-            f"[red]{why}:[/] {written} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
-            "was not written)",
+            f"[red]{why}:[/] {kept} finished document(s) kept in {escape(str(path))} ({escape(str(output))} "
+            "was not written): rerun the same command to finish the rest without paying twice",
             soft_wrap=True,
         )
     else:

@@ -1,14 +1,13 @@
 """The body of ``polytask run`` once its options are checked: stream the documents through the orchestrator with a
-progress bar, write each result in input order, and end with a summary and an exit status — to standard output
-(each line as soon as it is in order) or to a file (written beside it, renamed over it at the end, so an earlier
-output survives a run that does not finish)."""
+progress bar, write each result, and end with a summary and an exit status — to standard output (each line as soon
+as it is in input order) or to a file (through its partial file, :mod:`._journal`: a run that does not finish
+leaves its finished documents there for the rerun, and an earlier output survives it)."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from pathlib import Path
 
 import anyio
 import typer
@@ -20,16 +19,18 @@ from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
 from . import _jsonl
 from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, holds, keep_partial, signals, stops
+from ._journal import Journal
 from ._jsonl import LINE, SEQ, Input, Writer, in_thread
 
 __all__ = ["run_job", "summary", "write_file", "write_stdout"]
 
 
-def summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Table:
+def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed: int = 0) -> Table:
     """The table printed at the end of a run."""
     table = Table(title="polytask run", show_header=False)
     rows = [
         ("lines written", f"{written}"),
+        ("documents finished by an earlier run", f"{resumed}"),
         (
             "documents complete / partial",
             f"{stats.documents_done - stats.documents_partial} / {stats.documents_partial}",
@@ -50,9 +51,14 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tabl
     return table
 
 
-async def run_job(orch: Orchestrator, source: Input, writer: Writer, progress: bool, allow_partial: bool) -> int:
-    """Run every document of ``source`` and write its result; returns the exit status (0, 1 or 2)."""
+async def run_job(
+    orch: Orchestrator, source: Input, writer: Writer | Journal, progress: bool, allow_partial: bool
+) -> int:
+    """Run every document of ``source`` (but those an earlier run finished, with a :class:`Journal`) and write its
+    result; returns the exit status (0, 1 or 2)."""
     total = source.count()
+    journal = writer if isinstance(writer, Journal) else None
+    earlier = journal.finished if journal is not None else 0
     started = time.perf_counter()
     code = 0
     async with orch:
@@ -74,11 +80,13 @@ async def run_job(orch: Orchestrator, source: Input, writer: Writer, progress: b
                 f"{rate:6.1f} req/s  {s.prompt_tokens + s.completion_tokens:,} tok  "
                 f"429s {s.rate_limited}  retries {s.retries}  errors {s.pairs_failed}"
             )
-            bar.update(task_id, completed=writer.written, line=line)
+            bar.update(task_id, completed=earlier + writer.written, line=line)
 
         with bar:
             task_id = bar.add_task("run", total=total, line="")
             documents = source.documents()
+            if journal is not None and earlier:  # what an earlier run finished is not asked again
+                documents = (d for d in documents if not journal.done(d.metadata[LINE], d.id))
             # a pipe's next line may be long in coming: read it on a worker thread, so calls go on meanwhile
             reading = documents if total is not None else in_thread(documents)
             stopped: PolytaskError | None = None
@@ -104,9 +112,10 @@ async def run_job(orch: Orchestrator, source: Input, writer: Writer, progress: b
                     writer.flush(source.invalid)
                 writer.drain(source.invalid)
             refresh()
-    if source.invalid_count or (total is not None and writer.written < total):
+    resumed = journal.resumed if journal is not None else 0
+    if source.invalid_count or (total is not None and writer.written + resumed < total):
         code = max(code, INVALID)
-    err.print(summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count))
+    err.print(summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count, resumed))
     return code
 
 
@@ -123,17 +132,24 @@ def write_stdout(orch: Orchestrator, source: Input, show: bool, allow_partial: b
         raise
 
 
-def write_file(orch: Orchestrator, source: Input, out_path: Path, show: bool, allow_partial: bool) -> int:
-    """Written beside ``out_path`` and renamed over it at the end: an earlier output survives a run that does not
-    finish, and an unfinished run's documents stay in the partial file it names."""
-    partial_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    writer: Writer | None = None
+def write_file(orch: Orchestrator, source: Input, journal: Journal, show: bool, allow_partial: bool) -> int:
+    """Through ``journal`` (the output's partial file): the output is assembled once every document has its line;
+    the partial file stays for the rerun when the run stopped early (exit 2), was interrupted or died."""
     try:
-        with partial_path.open("w", encoding="utf-8") as out:
-            writer = Writer(out)
-            code = anyio.run(run_job, orch, source, writer, show, allow_partial)
+        code = anyio.run(run_job, orch, source, journal, show, allow_partial)
     except BaseException as error:
-        keep_partial(partial_path, writer.written if writer is not None else 0, out_path, error)
+        journal.close(remove=False)
+        keep_partial(journal.path, journal.written + journal.finished, journal.output, error)
         raise
-    os.replace(partial_path, out_path)
+    if journal.mismatch:  # the input is not the one the partial file was written for: nothing is assembled
+        journal.close(remove=False)
+        return code
+    journal.assemble()
+    journal.close(remove=code != STOPPED)
+    if code == STOPPED:
+        err.print(
+            f"{escape(str(journal.output))} has every line, those not finished saying why; the finished documents "
+            f"stay in {escape(str(journal.path))}: rerun the same command to finish the rest without paying twice",
+            soft_wrap=True,
+        )
     return code
