@@ -247,6 +247,7 @@ def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monke
     assert not out.exists()
     (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert kept.name in result.output.replace("\n", "") and "rerun the same command" in result.output
+    assert summary_value(result.output, "lines written") == "5"  # the summary, on Ctrl-C too
     lines = partial_records(kept)
     assert len(lines) == 5 and all("results" in r for r in lines)
 
@@ -454,3 +455,44 @@ def test_the_same_command_twice_pays_once_and_writes_the_same_lines(tmp_path):
     assert third.exit_code == 0 and summary_value(third.output, "answers from the cache") == "0"
     both = run_cli(source, "-o", outs[2], "--simulate", "--no-cache", "--cache", tmp_path / "c.sqlite")
     assert both.exit_code == 2 and "contradict" in both.output
+
+
+def test_off_a_terminal_a_progress_line_comes_every_interval(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(6)))
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--simulate", "-t", "sentiment"]
+    every_document = runner.invoke(app, [*argv, "--progress-every", "0"], catch_exceptions=False)
+    assert every_document.exit_code == 0, every_document.output
+    lines = [line for line in every_document.output.splitlines() if line.startswith("progress: ")]
+    assert len(lines) == 6 + 1  # one per document, and one at the end
+    assert lines[-1].startswith("progress: 6 / 6 documents (100.0%) · ") and "429s 0" in lines[-1]
+    assert "ETA" in lines[0]
+    quiet = runner.invoke(app, [*argv, "--no-progress"], catch_exceptions=False)
+    assert "progress: " not in quiet.output and "polytask run" in quiet.output  # the summary all the same
+
+
+def test_progress_lines_follow_the_clock_and_say_what_is_left():
+    from polytask.cli._progress import Reporter, duration
+    from polytask.orchestrator import RunStats
+
+    now = [0.0]
+    stats = RunStats(requests=40, prompt_tokens=900, completion_tokens=100, rate_limited=2, pairs_failed=1)
+    reporter = Reporter(stats, total=100, done_before=20, bar=False, every=10.0, clock=lambda: now[0])
+    import polytask.cli._progress as progress
+
+    printed = []
+    real = progress.err.print
+    progress.err.print = lambda text, **kw: printed.append(text)
+    try:
+        now[0] = 5.0
+        reporter.update(10)  # 5 s after the start: too soon
+        now[0] = 10.0
+        reporter.update(20)
+        now[0] = 15.0
+        reporter.update(30)  # 5 s after the last line
+    finally:
+        progress.err.print = real
+    assert printed == [
+        "progress: 40 / 100 documents (40.0%) · 4.0 req/s · 1,000 tok · 429s 2 · retries 0 · errors 1 · ETA 30s"
+    ]
+    assert [duration(s) for s in (0, 59.6, 61, 3600 * 3 + 125)] == ["0s", "1m00s", "1m01s", "3h02m"]

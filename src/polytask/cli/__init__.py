@@ -28,7 +28,7 @@ from ._exits import err, fail, show_warnings, signals
 from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
 from ._options import TASK_HELP, check_local, check_numbers, check_paths, parse_task, parse_tasks
-from ._run import write_file, write_stdout
+from ._run import Progress, write_file, write_stdout
 
 __all__ = ["app", "main", "parse_task"]
 
@@ -86,7 +86,13 @@ def run(
             help="Discard what an unfinished earlier run of OUTPUT left in its partial file, instead of resuming.",
         ),
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a live progress bar.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress: a live bar on a terminal, else a line every --progress-every s.")
+    ] = True,
+    progress_every: Annotated[
+        float,
+        typer.Option(help="Seconds between progress lines when stderr is not a terminal (0: one per document)."),
+    ] = 30.0,
     allow_partial: Annotated[
         bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
     ] = False,
@@ -99,6 +105,7 @@ def run(
         concurrency=concurrency,
         attempts=attempts,
         max_outage=max_outage,
+        progress_every=progress_every,
         context=context,
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
@@ -152,7 +159,8 @@ def run(
         except PolytaskError as error:
             fail(str(error))
         source = Input(in_path, text_field, id_field)
-        show = progress and sys.stderr.isatty()
+        terminal = sys.stderr.isatty()
+        show = Progress(bar=progress and terminal, every=progress_every if progress and not terminal else None)
         if output == "-":
             code = write_stdout(orch, source, show, allow_partial)
         else:

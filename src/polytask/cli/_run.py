@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import anyio
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..exceptions import PolytaskError
@@ -21,8 +21,17 @@ from . import _jsonl
 from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, holds, keep_partial, signals, stops
 from ._journal import Journal
 from ._jsonl import LINE, SEQ, Input, Writer, in_thread
+from ._progress import Reporter
 
-__all__ = ["run_job", "summary", "write_file", "write_stdout"]
+__all__ = ["Progress", "run_job", "summary", "write_file", "write_stdout"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How a run shows its progress: ``bar`` on a terminal; else a line every ``every`` seconds (None: never)."""
+
+    bar: bool
+    every: float | None
 
 
 def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed: int = 0) -> Table:
@@ -52,74 +61,68 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed
 
 
 async def run_job(
-    orch: Orchestrator, source: Input, writer: Writer | Journal, progress: bool, allow_partial: bool
+    orch: Orchestrator,
+    source: Input,
+    writer: Writer | Journal,
+    progress: Progress,
+    allow_partial: bool,
 ) -> int:
     """Run every document of ``source`` (but those an earlier run finished, with a :class:`Journal`) and write its
-    result; returns the exit status (0, 1 or 2)."""
+    result; returns the exit status (0, 1 or 2). The summary is printed at the end, also when interrupted."""
     total = source.count()
     journal = writer if isinstance(writer, Journal) else None
     earlier = journal.finished if journal is not None else 0
     started = time.perf_counter()
     code = 0
-    async with orch:
-        bar = Progress(
-            TextColumn("[bold]documents"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[line]}"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=not progress,
-            transient=False,
-        )
-
-        def refresh() -> None:
-            s = orch.stats
-            rate = s.requests / max(1e-9, time.perf_counter() - started)
-            line = (
-                f"{rate:6.1f} req/s  {s.prompt_tokens + s.completion_tokens:,} tok  "
-                f"429s {s.rate_limited}  retries {s.retries}  errors {s.pairs_failed}"
-            )
-            bar.update(task_id, completed=earlier + writer.written, line=line)
-
-        with bar:
-            task_id = bar.add_task("run", total=total, line="")
-            documents = source.documents()
-            if journal is not None and earlier:  # what an earlier run finished is not asked again
-                documents = (d for d in documents if not journal.done(d.metadata[LINE], d.id))
-            # a pipe's next line may be long in coming: read it on a worker thread, so calls go on meanwhile
-            reading = documents if total is not None else in_thread(documents)
-            stopped: PolytaskError | None = None
-            try:
-                async for result in orch.stream(reading):
-                    writer.put(result.metadata[SEQ], _jsonl.result_record(result))
+    try:
+        async with orch, anyio.create_task_group() as watching:
+            with Reporter(orch.stats, total, earlier, bar=progress.bar, every=progress.every) as reporter:
+                watching.start_soon(reporter.watch)
+                documents = source.documents()
+                if journal is not None and earlier:  # what an earlier run finished is not asked again
+                    documents = (d for d in documents if not journal.done(d.metadata[LINE], d.id))
+                # a pipe's next line may be long in coming: read it on a worker thread, so calls go on meanwhile
+                reading = documents if total is not None else in_thread(documents)
+                stopped: PolytaskError | None = None
+                try:
+                    async for result in orch.stream(reading):
+                        writer.put(result.metadata[SEQ], _jsonl.result_record(result))
+                        writer.flush(source.invalid)
+                        if result.partial and not allow_partial:
+                            code = INVALID
+                        reporter.update(writer.written)
+                except PolytaskError as error:
+                    if not stops(error):
+                        raise
+                    err.print(f"[red]stopped:[/] {escape(str(error))}", soft_wrap=True)
+                    stopped, code = error, STOPPED
+                finally:  # also when interrupted: every finished document is written
                     writer.flush(source.invalid)
-                    if result.partial and not allow_partial:
-                        code = INVALID
-                    refresh()
-            except PolytaskError as error:
-                if not stops(error):
-                    raise
-                err.print(f"[red]stopped:[/] {escape(str(error))}", soft_wrap=True)
-                stopped, code = error, STOPPED
-            finally:  # also when interrupted: every finished document is written
-                writer.flush(source.invalid)
-                if stopped is not None and total is not None:  # what was never started still gets its output line
-                    message = f"not started: the run stopped ({type(stopped).__name__})"
-                    for doc in documents:
-                        record = {"id": doc.id, "line": doc.metadata[LINE]}
-                        writer.put(doc.metadata[SEQ], {**record, "error": {"type": "RunStopped", "message": message}})
-                    writer.flush(source.invalid)
-                writer.drain(source.invalid)
-            refresh()
-    resumed = journal.resumed if journal is not None else 0
+                    if stopped is not None and total is not None:  # what was never started gets its line too
+                        message = f"not started: the run stopped ({type(stopped).__name__})"
+                        for doc in documents:
+                            record = {"id": doc.id, "line": doc.metadata[LINE]}
+                            error_record = {"type": "RunStopped", "message": message}
+                            writer.put(doc.metadata[SEQ], {**record, "error": error_record})
+                        writer.flush(source.invalid)
+                    writer.drain(source.invalid)
+                reporter.update(writer.written, log=False)
+                if progress.every is not None:  # the last line says where the run ended
+                    reporter.log()
+                watching.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the watcher never fails: the body's own error, not wrapped in a group
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:  # also on Ctrl-C / SIGTERM: what the run did
+        resumed = journal.resumed if journal is not None else 0
+        err.print(summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count, resumed))
     if source.invalid_count or (total is not None and writer.written + resumed < total):
         code = max(code, INVALID)
-    err.print(summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count, resumed))
     return code
 
 
-def write_stdout(orch: Orchestrator, source: Input, show: bool, allow_partial: bool) -> int:
+def write_stdout(orch: Orchestrator, source: Input, show: Progress, allow_partial: bool) -> int:
     """Each line as soon as it is in order; an interrupted run keeps what was printed."""
     try:
         return anyio.run(run_job, orch, source, Writer(sys.stdout), show, allow_partial)
@@ -132,7 +135,7 @@ def write_stdout(orch: Orchestrator, source: Input, show: bool, allow_partial: b
         raise
 
 
-def write_file(orch: Orchestrator, source: Input, journal: Journal, show: bool, allow_partial: bool) -> int:
+def write_file(orch: Orchestrator, source: Input, journal: Journal, show: Progress, allow_partial: bool) -> int:
     """Through ``journal`` (the output's partial file): the output is assembled once every document has its line;
     the partial file stays for the rerun when the run stopped early (exit 2), was interrupted or died."""
     try:

@@ -1,0 +1,107 @@
+"""What a running ``polytask run`` shows: a live bar on a terminal; off one (cron, ``nohup``, a CI log, a pipe) a
+plain line every ``every`` seconds — documents done / total, rate, ETA, tokens, 429s, errors — so a long job is
+never silent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import anyio
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..orchestrator import RunStats
+from ._exits import err
+
+__all__ = ["Reporter", "duration", "status"]
+
+
+def status(stats: RunStats, elapsed: float) -> str:
+    """The run's counters in one line: request rate, tokens, 429s, retries, failed pairs."""
+    rate = stats.requests / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{rate:.1f} req/s · {stats.prompt_tokens + stats.completion_tokens:,} tok · 429s {stats.rate_limited} · "
+        f"retries {stats.retries} · errors {stats.pairs_failed}"
+    )
+
+
+def duration(seconds: float) -> str:
+    """``3h02m``, ``4m05s``, ``12s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Reporter:
+    """Shows the progress of a run: a bar (``bar``: stderr is a terminal) or a log line every ``every`` seconds
+    (None: none), counting ``done_before`` documents finished by an earlier run as done.
+
+    ``update(done)`` after each written document; ``await watch()`` (in the run's task group) logs a line even when
+    no document finishes for a while (a long Retry-After, a slow server)."""
+
+    def __init__(
+        self,
+        stats: RunStats,
+        total: int | None,
+        done_before: int = 0,
+        *,
+        bar: bool,
+        every: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stats, self.total, self.done_before, self.every, self.clock = stats, total, done_before, every, clock
+        self.started = self.last = clock()
+        self.done = 0
+        self.bar = Progress(
+            TextColumn("[bold]documents"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[line]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not bar,
+            transient=False,
+        )
+        self.task = self.bar.add_task("run", total=total, line="")
+
+    def __enter__(self) -> Reporter:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.bar.__exit__(kind, error, tb)
+
+    def update(self, done: int, *, log: bool = True) -> None:
+        """``done``: documents written by this run so far; ``log``: a line if one is due."""
+        self.done = done
+        now = self.clock()
+        self.bar.update(self.task, completed=self.done_before + done, line=status(self.stats, now - self.started))
+        if log and self.every is not None and now - self.last >= self.every:
+            self.log()
+
+    def log(self) -> None:
+        now = self.clock()
+        self.last = now
+        elapsed = now - self.started
+        done = self.done_before + self.done
+        if self.total:
+            share = f"{done:,} / {self.total:,} documents ({100 * done / self.total:.1f}%)"
+            left = self.total - done
+            eta = f" · ETA {duration(left * elapsed / self.done)}" if self.done and left > 0 else ""
+        else:
+            share, eta = f"{done:,} documents", ""
+        err.print(f"progress: {share} · {escape(status(self.stats, elapsed))}{eta}", soft_wrap=True, highlight=False)
+
+    async def watch(self) -> None:
+        """Log a line whenever ``every`` seconds pass without one (runs until cancelled)."""
+        if not self.every:  # None: no lines; 0: a line per document, from update()
+            return
+        while True:
+            await anyio.sleep(max(0.0, self.last + self.every - self.clock()) or self.every)
+            if self.clock() - self.last >= self.every:
+                self.log()
