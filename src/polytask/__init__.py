@@ -22,6 +22,7 @@ from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
 from .cache import RequestCache
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
+from .dry_run import DryRun
 from .exceptions import (
     AnswerError,
     AnswerValidationError,
@@ -92,6 +93,7 @@ __all__ = [
     "DocumentLabels",
     "DocumentResult",
     "DocumentSentiment",
+    "DryRun",
     "Entities",
     "Entity",
     "ErrorInfo",

@@ -118,6 +118,17 @@ class Caller:
             self._budgets[task.name] = CompletionBudget(task.max_tokens)
         return self._budgets[task.name]
 
+    def cache_key(self, task: Task[Any], messages: list[Message]) -> str | None:
+        """The request cache's key of a question (None without a cache)."""
+        if self.cache is None:
+            return None
+        return self.cache.key(self.identity, task.name, task.json_schema(), task.max_tokens, messages, self.temperature)
+
+    def is_cached(self, task: Task[Any], messages: list[Message]) -> bool:
+        """Whether the request cache holds an answer to this question (a dry run's count of free pairs)."""
+        key = self.cache_key(task, messages)
+        return key is not None and self.cache is not None and self.cache.get(key) is not None
+
     async def ask(
         self,
         task: Task[Any],
@@ -135,11 +146,8 @@ class Caller:
         """
         attempts = 0
         reasked = False
-        key = None
-        if self.cache is not None:
-            key = self.cache.key(
-                self.identity, task.name, task.json_schema(), task.max_tokens, messages, self.temperature
-            )
+        key = self.cache_key(task, messages)
+        if key is not None and self.cache is not None:
             try:
                 hit = self.cache.get(key)
             except Exception as error:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ from typing import Any
 from ._prompts import estimate_tokens
 from .chat import Message
 
-__all__ = ["CompletionBudget", "PromptEstimator", "cached_tiktoken_counter"]
+__all__ = ["CompletionBudget", "PromptEstimator", "cached_tiktoken_counter", "typical_answer_chars"]
 
 
 def cached_tiktoken_counter(model: str) -> Callable[[str], int] | None:
@@ -123,3 +124,38 @@ class CompletionBudget:
         """Record the completion tokens of a finished (not cut off) answer."""
         if completion_tokens > 0:
             self._used.append(completion_tokens)
+
+
+def typical_answer_chars(schema: dict[str, Any]) -> float:
+    """The length in characters of a typical compact JSON answer to ``schema``: every property present, one item in
+    each array, an average enum value, 8-character strings, 3-character numbers. A dry run's completion estimate
+    (the answer a run would get is unknown until it is asked)."""
+
+    def size(node: Any, depth: int = 0) -> float:
+        if not isinstance(node, dict) or depth > 8:
+            return 4.0
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            target: Any = schema
+            for part in ref[2:].split("/"):
+                target = target.get(part, {}) if isinstance(target, dict) else {}
+            return size(target, depth + 1)
+        if "const" in node:
+            return float(len(json.dumps(node["const"])))
+        if isinstance(node.get("enum"), list) and node["enum"]:
+            return sum(len(json.dumps(v)) for v in node["enum"]) / len(node["enum"])
+        for key in ("anyOf", "oneOf"):
+            options = [o for o in node.get(key) or [] if isinstance(o, dict) and o.get("type") != "null"]
+            if options:
+                return sum(size(o, depth + 1) for o in options) / len(options)
+        kind = node.get("type")
+        kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) else kind
+        if kind == "object" or "properties" in node:
+            properties = node.get("properties") or {}
+            fields = sum(len(json.dumps(name)) + 1 + size(sub, depth + 1) for name, sub in properties.items())
+            return 2 + fields + max(0, len(properties) - 1)
+        if kind == "array":
+            return 2 + size(node.get("items"), depth + 1)
+        return {"string": 10.0, "number": 3.0, "integer": 1.0, "boolean": 4.5}.get(str(kind), 4.0)
+
+    return size(schema)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .chat import Message
+from .documents import Sentence
 
 if TYPE_CHECKING:
     from .tasks.base import Task
@@ -23,6 +24,7 @@ __all__ = [
     "build_messages",
     "estimate_tokens",
     "extract_sentence",
+    "neighbours",
     "reask_messages",
 ]
 
@@ -47,6 +49,16 @@ def _payload(sentence: str, before: str | None = None, after: str | None = None)
     if after:
         data["context_after"] = after
     return json.dumps(data, ensure_ascii=False)
+
+
+def neighbours(sentences: Sequence[Sentence], index: int, n: int) -> tuple[str | None, str | None]:
+    """The context of sentence ``index``: up to ``n`` sentences before and after it, joined by spaces (None when
+    ``n`` is 0)."""
+    if not n:
+        return None, None
+    before = " ".join(s.text for s in sentences[max(0, index - n) : index])
+    after = " ".join(s.text for s in sentences[index + 1 : index + 1 + n])
+    return before, after
 
 
 def build_messages(

@@ -32,11 +32,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._caller import AskError, Caller, CallStats
 from ._checks import check_count, check_positive
 from ._estimates import PromptEstimator, cached_tiktoken_counter
-from ._prompts import build_messages
+from ._prompts import build_messages, neighbours
 from .backends.base import Backend, settings_of
 from .cache import RequestCache
+from .chat import Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
+from .dry_run import DryRun, Planner
 from .exceptions import (
     ConfigurationError,
     InputError,
@@ -440,6 +442,38 @@ class Orchestrator:
             raise error
         return done
 
+    def dry_run(self, documents: Iterable[DocumentInput]) -> DryRun:
+        """What running ``documents`` would take, before any call: documents, sentences, calls (pairs not already in
+        the request cache), estimated prompt and completion tokens, dollars, and the time the known RPM / TPM limits
+        allow. Reads, checks and segments every document; sends nothing (see :mod:`polytask.dry_run`).
+
+        Raises:
+            InputError: a document is not of an accepted shape.
+        """
+        asked: set[int] = set()  # with a cache, a question asked twice in one job is paid once (hashes: 8 bytes)
+
+        def cached(task: Task[Any], messages: list[Message]) -> bool:
+            key = self.caller.cache_key(task, messages)
+            if key is None:
+                return False
+            seen = hash(key)
+            if seen in asked:
+                return True
+            asked.add(seen)
+            return self.caller.is_cached(task, messages)
+
+        planner = Planner(self.tasks, self.context_sentences, prompt_tokens=self.caller.estimator.raw, cached=cached)
+        for position, item in enumerate(documents):
+            document = _coerce(item, position)
+            sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
+            if self.segmenter is not segment:
+                _check_sentences(sentences, document.text, position)
+            planner.add(sentences)
+        result = planner.result
+        if self.limiter is not None:
+            result.rpm, result.tpm = self.limiter.rpm, self.limiter.tpm
+        return result
+
     async def process(self, document: DocumentInput) -> DocumentResult:
         """One document's result. Cancellation-safe: cancelling the caller cancels its calls and nothing else."""
         return (await self.run([document]))[0]
@@ -547,9 +581,7 @@ class Orchestrator:
 
     async def _run_pair(self, pair: _Pair, job: _Job) -> PairResult:
         task, sentence, state = pair.task, pair.sentence, pair.state
-        n = self.context_sentences
-        before = " ".join(s.text for s in state.sentences[max(0, sentence.index - n) : sentence.index]) if n else None
-        after = " ".join(s.text for s in state.sentences[sentence.index + 1 : sentence.index + 1 + n]) if n else None
+        before, after = neighbours(state.sentences, sentence.index, self.context_sentences)
         try:
             messages = build_messages(task, sentence.text, context_before=before, context_after=after)
         except Exception as broken:  # a user's task subclass building its prompt: the pair fails, not the run

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 import typer
 
 from ..backends.base import settings_of
@@ -28,7 +29,7 @@ from ._exits import err, fail, show_warnings, signals
 from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
 from ._options import TASK_HELP, check_local, check_numbers, check_paths, parse_task, parse_tasks
-from ._run import Progress, write_file, write_stdout
+from ._run import Progress, dry_run_table, write_file, write_stdout
 
 __all__ = ["app", "main", "parse_task"]
 
@@ -79,6 +80,14 @@ def run(
         ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the request cache.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Read and segment the input and print what the job would take (calls, tokens, dollars, time at "
+            "--rpm/--tpm) without making any call or writing OUTPUT.",
+        ),
+    ] = False,
     restart: Annotated[
         bool,
         typer.Option(
@@ -159,6 +168,13 @@ def run(
         except PolytaskError as error:
             fail(str(error))
         source = Input(in_path, text_field, id_field)
+        if dry_run:
+            try:
+                plan = orch.dry_run(source.documents())
+            finally:
+                anyio.run(orch.aclose)
+            err.print(dry_run_table(plan, source.invalid_count))
+            raise typer.Exit(0)
         terminal = sys.stderr.isatty()
         show = Progress(bar=progress and terminal, every=progress_every if progress and not terminal else None)
         if output == "-":

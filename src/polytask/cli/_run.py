@@ -15,15 +15,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..dry_run import DryRun
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
 from . import _jsonl
 from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, holds, keep_partial, signals, stops
 from ._journal import Journal
 from ._jsonl import LINE, SEQ, Input, Writer, in_thread
-from ._progress import Reporter
+from ._progress import Reporter, duration
 
-__all__ = ["Progress", "run_job", "summary", "write_file", "write_stdout"]
+__all__ = ["Progress", "dry_run_table", "run_job", "summary", "write_file", "write_stdout"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,31 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
         ("answers from the cache", f"{stats.cache_hits}"),
         ("elapsed", f"{elapsed:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def dry_run_table(plan: DryRun, invalid: int) -> Table:
+    """The table ``polytask run --dry-run`` prints."""
+    table = Table(title="polytask dry run (no call was made)", show_header=False)
+    seconds = plan.seconds
+    limits = " / ".join(
+        f"{value:,.0f} {name}" for name, value in (("RPM", plan.rpm), ("TPM", plan.tpm)) if value is not None
+    )
+    rows = [
+        ("documents", f"{plan.documents:,}" + (f" (and {invalid} invalid input lines)" if invalid else "")),
+        ("sentences", f"{plan.sentences:,}"),
+        ("pairs (sentence × task)", f"{plan.pairs:,}"),
+        ("answered in the cache (free)", f"{plan.cached:,}"),
+        ("calls to make", f"{plan.calls:,} (before re-asks and retries)"),
+        ("prompt / completion tokens", f"≈ {plan.prompt_tokens:,} / ≈ {plan.completion_tokens:,}"),
+        ("cost", "unknown (pass --price-in/--price-out)" if plan.cost is None else f"≈ ${plan.cost:,.4f}"),
+        (
+            "time the rate limits allow",
+            f"≥ {duration(seconds)} at {limits}" if seconds is not None else "no RPM / TPM limit given (--rpm, --tpm)",
+        ),
     ]
     for key, value in rows:
         table.add_row(key, value)
