@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..costs import format_usd
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
 from . import _jsonl
@@ -43,6 +44,9 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int) -> Tabl
         ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
         ("answers from the cache", f"{stats.cache_hits}"),
+        # never "$0.00" for a model whose prices nobody knows
+        ("cost", format_usd(stats.cost) if stats.prices is not None else "unknown (pass --price-in/--price-out)"),
+        *([("price per million tokens", stats.prices.describe())] if stats.prices is not None else []),
         ("elapsed", f"{elapsed:.1f} s"),
     ]
     for key, value in rows:
@@ -73,6 +77,7 @@ async def run_job(orch: Orchestrator, source: Input, writer: Writer, progress: b
             line = (
                 f"{rate:6.1f} req/s  {s.prompt_tokens + s.completion_tokens:,} tok  "
                 f"429s {s.rate_limited}  retries {s.retries}  errors {s.pairs_failed}"
+                + (f"  {format_usd(s.cost)}" if s.prices is not None else "")
             )
             bar.update(task_id, completed=writer.written, line=line)
 
