@@ -63,3 +63,17 @@ def test_a_dry_run_sends_nothing_and_counts_what_the_input_holds():
     assert plan.seconds == pytest.approx(max(8 / 60 * 60, tokens_bound))
     with pytest.raises(pt.InputError):
         orch.dry_run([{"text": 3}])
+
+
+def test_a_dry_run_prices_the_calls_it_would_make():
+    backend = pt.FunctionBackend(lambda request: {"label": "neutral", "score": 0.0})
+    prices = pt.Prices(input=2.0, output=10.0)  # USD per million tokens
+    plan = pt.Orchestrator(backend, [pt.Sentiment()], prices=prices).dry_run(["One. Two.", "Three."])
+    assert plan.cost == pytest.approx((2.0 * plan.prompt_tokens + 10.0 * plan.completion_tokens) / 1e6)
+    unknown = pt.Orchestrator(backend, [pt.Sentiment()]).dry_run(["One."])
+    assert unknown.cost is None  # never $0 for prices nobody knows
+    out = CliRunner().invoke(
+        app, ["run", str(EXAMPLES / "quickstart.jsonl"), "-o", "x.jsonl", "--simulate", "--dry-run",
+              "--price-in", "0.15", "--price-out", "0.6"], catch_exceptions=False,
+    )  # fmt: skip
+    assert out.exit_code == 0 and value(out.output, "cost").startswith("≈ $0.0")

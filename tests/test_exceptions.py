@@ -17,6 +17,7 @@ EXPECTED = {
     "InputError": (False, False, False, False),
     "RequestTooLargeError": (False, False, False, False),
     "RunStopped": (False, False, False, False),
+    "BudgetExceededError": (False, True, False, False),
     "BackendError": (False, False, False, False),
     "BackendClosedError": (False, True, False, False),
     "CircuitOpenError": (True, False, False, True),
@@ -52,6 +53,8 @@ def instance(cls: type[Exception]) -> Exception:
         return cls(10, 5.0)
     if "hint" in params:
         return cls("m", "h")
+    if "worst_case_usd" in params:
+        return cls("x", limit_usd=1.0, spent_usd=0.9, reserved_usd=0.0, worst_case_usd=0.2)
     return cls("x")
 
 

@@ -21,6 +21,7 @@ from .backends.base import Backend, BackendSettings, ChatRequest, ChatResponse, 
 from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
 from .cache import RequestCache
+from .costs import Budget, Prices, prices_for
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage
 from .dry_run import DryRun
 from .exceptions import (
@@ -33,6 +34,7 @@ from .exceptions import (
     BackendClosedError,
     BackendError,
     BadRequestError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
     InputError,
@@ -82,6 +84,8 @@ __all__ = [
     "BackendError",
     "BackendSettings",
     "BadRequestError",
+    "Budget",
+    "BudgetExceededError",
     "ChatRequest",
     "ChatResponse",
     "CircuitOpenError",
@@ -109,6 +113,7 @@ __all__ = [
     "PairResult",
     "PermissionDeniedError",
     "PolytaskError",
+    "Prices",
     "QuotaExceededError",
     "RateLimitError",
     "RateLimitHeaders",
@@ -128,6 +133,7 @@ __all__ = [
     "UnprocessableEntityError",
     "Usage",
     "__version__",
+    "prices_for",
     "run_sync",
     "segment",
 ]

@@ -3,10 +3,12 @@
 With a request cache (:mod:`polytask.cache`), a question answered before is answered from it: no call, no rate-limit
 budget, no tokens; a newly validated answer is stored under the question's key.
 
-A call goes: circuit breaker → concurrency slot → rate limiter (reserve estimated tokens) → backend → settle the
-reservation with the real usage, feed the limits learned from headers, the token calibration, the concurrency
-controller and the breaker → validate; retried by the :class:`~polytask.RetryPolicy` (each retry goes back through
-the breaker, the slot and the limiter), and re-asked once with the validation error when the answer is invalid.
+A call goes: circuit breaker → concurrency slot → spending budget (reserve the call's worst-case cost; a call that
+could take the run past it is not sent: :class:`~polytask.BudgetExceededError`) → rate limiter (reserve estimated
+tokens) → backend → settle both reservations with the real usage and its cost, feed the limits learned from
+headers, the token calibration, the concurrency controller and the breaker → validate; retried by the
+:class:`~polytask.RetryPolicy` (each retry goes back through the breaker, the slot, the budget and the limiter), and
+re-asked once with the validation error when the answer is invalid.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .backends.base import Backend
 from .cache import RequestCache
 from .chat import ChatRequest, ChatResponse, Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
+from .costs import Budget, BudgetReservation, Prices
 from .documents import Usage
 from .exceptions import (
     AnswerValidationError,
@@ -48,11 +51,14 @@ logger = logging.getLogger("polytask")
 
 @dataclass
 class CallStats:
-    """Counters over every call (for progress bars and summaries)."""
+    """Counters over every call (for progress bars and summaries); ``cost`` in USD at the run's prices (0 when they
+    are unknown), ``cached_tokens`` the prompt tokens served from the provider's prompt cache."""
 
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float = 0.0
     rate_limited: int = 0
     retries: int = 0
     reasks: int = 0
@@ -99,7 +105,11 @@ class Caller:
         stats: CallStats,
         cache: RequestCache | None = None,
         identity: str = "",
+        prices: Prices | None = None,
+        spending: Budget | None = None,
     ) -> None:
+        self.prices = prices
+        self.spending = spending  # needs prices (the orchestrator checks)
         self.cache = cache
         self.identity = identity
         self.backend = backend
@@ -139,7 +149,8 @@ class Caller:
         on_retry: Callable[[BaseException], None] | None = None,
     ) -> Answer:
         """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent,
-        ``on_retry`` with the error of each failed attempt that will be retried.
+        ``on_retry`` with the error of each failed attempt that will be retried. Every response's tokens and cost are
+        added to ``usage`` as it arrives (an answer from the cache adds nothing).
 
         Raises:
             AskError: wrapping the polytask error the question ended with, and the attempts made.
@@ -228,20 +239,30 @@ class Caller:
             except anyio.WouldBlock:
                 await slots.acquire()
             try:
-                reservation = await self.limiter.acquire(req.reserved_tokens) if self.limiter else None
-                count()
-                self.stats.requests += 1
-                usage.requests += 1
+                hold = self._reserve(req)  # before the rate limiter: a call over budget takes no TPM budget
                 try:
-                    response = await self.backend.complete(req)
-                except BaseException as error:
-                    self._failed(error, probe)
+                    reservation = await self.limiter.acquire(req.reserved_tokens) if self.limiter else None
+                    count()
+                    self.stats.requests += 1
+                    usage.requests += 1
+                    try:
+                        response = await self.backend.complete(req)
+                    except BaseException as error:
+                        self._failed(error, probe)
+                        raise
+                except BaseException:
+                    if hold is not None and self.spending is not None:
+                        self.spending.release(hold)  # no response, no usage: nothing to pay
                     raise
             finally:
                 slots.release()
-            self._succeeded(response)
-            usage.prompt_tokens += response.prompt_tokens
-            usage.completion_tokens += response.completion_tokens
+            cost = self._cost(response)
+            if hold is not None and self.spending is not None:
+                self.spending.settle(hold, cost)
+            self._succeeded(response, cost)
+            usage.add(
+                response.prompt_tokens, response.completion_tokens, 0, cost=cost, cached_tokens=response.cached_tokens
+            )
             if reservation is not None and self.limiter is not None:
                 self.limiter.settle(
                     reservation,
@@ -269,9 +290,27 @@ class Caller:
 
         return await self.retry.call(attempt, sleep=self.clock.sleep, on_retry=on_retry, now=self.clock.now)
 
-    def _succeeded(self, response: ChatResponse) -> None:
+    def _reserve(self, request: ChatRequest) -> BudgetReservation | None:
+        """Hold the call's worst-case cost (its prompt estimate and all of ``max_tokens``) in the spending budget.
+
+        Raises:
+            BudgetExceededError: the call could take the run past its budget; it must not be sent.
+        """
+        if self.spending is None or self.prices is None:
+            return None
+        return self.spending.reserve(self.prices.cost(request.prompt_tokens_estimate, request.max_tokens))
+
+    def _cost(self, response: ChatResponse) -> float:
+        """USD for the usage the server reported (0 with unknown prices)."""
+        if self.prices is None:
+            return 0.0
+        return self.prices.cost(response.prompt_tokens, response.completion_tokens, response.cached_tokens)
+
+    def _succeeded(self, response: ChatResponse, cost: float) -> None:
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
+        self.stats.cached_tokens += response.cached_tokens
+        self.stats.cost += cost
         self.breaker.on_success()
         self.concurrency.on_success(response.latency)
         if self.limiter is not None:

@@ -7,7 +7,7 @@ import numbers
 
 from .exceptions import ConfigurationError
 
-__all__ = ["check_count", "check_positive"]
+__all__ = ["check_count", "check_non_negative", "check_positive"]
 
 
 def check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -20,6 +20,16 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = True) -
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not value > 0:
         raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """``value`` is a finite number ≥ 0 (a price may be 0: a local model costs nothing).
+
+    Raises:
+        ConfigurationError: naming ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not value >= 0:
+        raise ConfigurationError(f"{name} must be a finite number ≥ 0, got {value!r}")
 
 
 def check_count(

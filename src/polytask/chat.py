@@ -69,6 +69,8 @@ class ChatResponse:
         prompt_tokens, completion_tokens: usage as reported by the server (0 when it reported none).
         rate_limits: the parsed ``x-ratelimit-*`` headers.
         latency: seconds from sending the request to the full response.
+        cached_tokens: the part of ``prompt_tokens`` the server served from its prompt cache
+            (``usage.prompt_tokens_details.cached_tokens``; 0 when it reported none), priced lower.
     """
 
     content: str | None
@@ -78,3 +80,4 @@ class ChatResponse:
     completion_tokens: int = 0
     rate_limits: RateLimitHeaders = field(default_factory=RateLimitHeaders)
     latency: float = 0.0
+    cached_tokens: int = 0

@@ -74,20 +74,54 @@ class Sentence(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token usage as the server reported it (prompt / completion tokens) and the number of HTTP attempts."""
+    """What was spent: tokens as the server reported them, the HTTP attempts, and their cost.
+
+    Every response the server returned counts: answers that failed validation, re-asks, answers cut off at
+    ``max_tokens`` and sent again. A failed call with no response (a 429, a 5xx, a timeout) counts as a request
+    only; an answer from the request cache counts nothing.
+
+    Attributes:
+        prompt_tokens, completion_tokens: as the server reported them.
+        cached_tokens: the part of ``prompt_tokens`` served from the provider's prompt cache.
+        requests: HTTP attempts.
+        cost: USD, at the run's prices (:class:`~polytask.costs.Prices`); 0 when the prices are unknown (then
+            ``RunStats.prices`` is None) or the model costs nothing (a local one).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    cost: float = 0.0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+    def add(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        requests: int = 1,
+        *,
+        cost: float = 0.0,
+        cached_tokens: int = 0,
+    ) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.requests += requests
+        self.cost += cost
+        self.cached_tokens += cached_tokens
+
+    def merge(self, other: Usage) -> None:
+        """Add ``other``'s counts and cost to these (a pair's usage into its document's)."""
+        self.add(
+            other.prompt_tokens,
+            other.completion_tokens,
+            other.requests,
+            cost=other.cost,
+            cached_tokens=other.cached_tokens,
+        )
 
 
 class ErrorInfo(BaseModel):
@@ -118,7 +152,17 @@ class ErrorInfo(BaseModel):
 
 
 class PairResult(BaseModel):
-    """The outcome of one (sentence, task) pair: a validated ``answer`` or an ``error``, never both."""
+    """The outcome of one (sentence, task) pair: a validated ``answer`` or an ``error``, never both.
+
+    Attributes:
+        sentence: the sentence's index (-1 for a task's merge that failed).
+        task: the task's name.
+        answer: the validated answer, or None.
+        error: why there is no answer, or None.
+        attempts: the calls made for this pair.
+        reasked: whether it was re-asked once after an invalid answer.
+        cost: USD spent on this pair over all its attempts (at the run's prices; 0 for an answer from the cache).
+    """
 
     sentence: int
     task: str
@@ -126,6 +170,7 @@ class PairResult(BaseModel):
     error: ErrorInfo | None = None
     attempts: int = 0
     reasked: bool = False
+    cost: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -142,7 +187,7 @@ class DocumentResult(BaseModel):
         pairs: every (sentence, task) outcome, ordered by sentence then task.
         partial: True when any pair failed; ``results`` then cover only the successful sentences
             (each merged result states its coverage).
-        usage: tokens and requests spent on this document.
+        usage: tokens, requests and USD spent on this document (the sum of its pairs').
         elapsed: seconds from the document's first call to its last answer.
     """
 

@@ -9,6 +9,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
     ├── RunStopped                  a pair not done because the run stopped (quota, a rejected key, …)
+    ├── BudgetExceededError         the next call could take the run past its budget (USD): stops the run
     ├── BackendError                the call did not produce an answer
     │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
     │   ├── CircuitOpenError        held by the open circuit breaker; a probe failed (retried)
@@ -52,6 +53,7 @@ __all__ = [
     "BackendClosedError",
     "BackendError",
     "BadRequestError",
+    "BudgetExceededError",
     "CircuitOpenError",
     "ConfigurationError",
     "InputError",
@@ -166,6 +168,30 @@ class RequestTooLargeError(PolytaskError):
 
 class RunStopped(PolytaskError):
     """A pair was not sent because the run stopped (a 429 ``insufficient_quota``, a 401); the work done is kept."""
+
+
+class BudgetExceededError(PolytaskError):
+    """A call was not sent: its worst-case cost (prompt estimate + ``max_tokens``, at the run's prices) could take
+    the run past its budget (:class:`~polytask.costs.Budget`). No later call may be sent either, so the run stops
+    (every finished document is kept; with the request cache a rerun with a higher budget pays only for the rest).
+
+    Attributes:
+        limit_usd: the budget, USD.
+        spent_usd: what the run had spent, USD.
+        reserved_usd: the worst case of the calls in flight, USD.
+        worst_case_usd: the worst case of the call that was not sent, USD.
+    """
+
+    fatal_to_run = True
+
+    def __init__(
+        self, message: str, *, limit_usd: float, spent_usd: float, reserved_usd: float, worst_case_usd: float
+    ) -> None:
+        super().__init__(message)
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.worst_case_usd = worst_case_usd
 
 
 class BackendError(PolytaskError):

@@ -9,10 +9,10 @@ One run ("job") is a producer and ``max_concurrency`` workers in an anyio task g
   validated answer or a typed error;
 - the worker that completes a document's last pair merges it and emits it.
 
-A 429 ``insufficient_quota``, a 401, a closed backend, or a server that failed everything for ``max_outage`` seconds
-stops the run: queued pairs, and calls still waiting (a retry's backoff, the rate limiter) or in flight, end
-``RunStopped`` at once; every document already taken in is emitted (partial), and then the error is raised. Nothing
-that was done is lost.
+A 429 ``insufficient_quota``, a 401, a closed backend, a server that failed everything for ``max_outage`` seconds,
+or a call that could take the run past its ``budget`` (USD) stops the run: queued pairs, and calls still waiting (a
+retry's backoff, the rate limiter) or in flight, end ``RunStopped`` at once; every document already taken in is
+emitted (partial), and then the error is raised. Nothing that was done is lost.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .backends.base import Backend, settings_of
 from .cache import RequestCache
 from .chat import Message
 from .concurrency import AdaptiveConcurrency, CircuitBreaker
+from .costs import Budget, Prices
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
 from .dry_run import DryRun, Planner
 from .exceptions import (
@@ -64,8 +65,13 @@ or a dict with ``text`` (and optionally ``id``; other keys become metadata)."""
 
 @dataclass
 class RunStats(CallStats):
-    """Live counters of a run, for progress bars and summaries (all counts since the orchestrator was created)."""
+    """Live counters of a run, for progress bars and summaries (all counts since the orchestrator was created).
 
+    ``cost`` is USD at ``prices``, the run's prices; ``prices`` None means they are unknown, and ``cost`` (0) then
+    says nothing about what the run cost.
+    """
+
+    prices: Prices | None = None
     documents_in: int = 0
     documents_done: int = 0
     documents_partial: int = 0
@@ -223,6 +229,14 @@ class Orchestrator:
             orchestrator), or None (default): a question answered before — same backend identity, task, messages
             and temperature — is answered from it with no call, no rate-limit budget and no tokens
             (``stats.cache_hits``); every newly validated answer is stored.
+        prices: what tokens cost, USD per million tokens (:class:`~polytask.Prices`), for the cost of every pair,
+            document and run (``PairResult.cost``, ``DocumentResult.usage.cost``, ``stats.cost``); default: the
+            backend's ``settings.prices`` (genai-prices' for a known model at a known provider, $0 for the local
+            backend), else unknown (costs stay 0 and ``stats.prices`` is None).
+        budget: a spending cap for the run, USD (> 0), or a :class:`~polytask.costs.Budget` to share between
+            orchestrators, or None (default). Before each attempt the call's worst case (prompt estimate +
+            ``max_tokens``, at ``prices``) is reserved; a call that could take the run past the cap is not sent and
+            the run stops with :class:`~polytask.BudgetExceededError` (every finished document kept). Needs prices.
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
 
@@ -237,7 +251,7 @@ class Orchestrator:
     closed: at the end of the ``async with`` block, or at once with ``contextlib.aclosing(orch.stream(...))``.
 
     Raises:
-        ConfigurationError: no tasks, duplicate task names, or a bad number.
+        ConfigurationError: no tasks, duplicate task names, a bad number, or a ``budget`` without known prices.
     """
 
     def __init__(
@@ -261,6 +275,8 @@ class Orchestrator:
         clock: Clock | None = None,
         segmenter: Callable[..., list[Sentence]] = segment,
         cache: RequestCache | str | os.PathLike[str] | None = None,
+        prices: Prices | None = None,
+        budget: float | Budget | None = None,
     ) -> None:
         tasks = list(tasks)
         if not tasks:
@@ -277,6 +293,20 @@ class Orchestrator:
         check_count("context_sentences", context_sentences, minimum=0, allow_none=False)
         check_count("max_sentence_chars", max_sentence_chars, allow_none=False)
         check_count("max_pending_documents", max_pending_documents)
+        if prices is None:
+            prices = declared.prices
+        if prices is not None and not isinstance(prices, Prices):
+            raise ConfigurationError(f"prices must be a polytask.Prices, got {type(prices).__name__}")
+        if budget is not None and not isinstance(budget, Budget):
+            budget = Budget(budget)  # ConfigurationError unless a finite number > 0
+        if budget is not None and prices is None:
+            raise ConfigurationError(
+                f"budget needs prices, and none are known for {backend.name} (a model genai-prices does not list "
+                "at that server, or a backend that declares none): pass prices=Prices(input=..., output=...) in USD "
+                "per million tokens (--price-in/--price-out in the CLI)"
+            )
+        self.prices = prices
+        self.budget = budget
         self.backend = backend
         self.tasks = tasks
         self.max_concurrency = max_concurrency
@@ -297,7 +327,7 @@ class Orchestrator:
         self.max_sentence_chars = max_sentence_chars
         self.max_pending_documents = max_pending_documents or max(64, 2 * max_concurrency)
         self.segmenter = segmenter
-        self.stats = RunStats()
+        self.stats = RunStats(prices=prices)
         self.concurrency = AdaptiveConcurrency(
             max_concurrency, clock=self.clock, decrease=0.9 if adaptive_concurrency else 1.0
         )
@@ -317,6 +347,8 @@ class Orchestrator:
             stats=self.stats,
             cache=self.cache,
             identity=declared.identity or backend.name,
+            prices=prices,
+            spending=budget,
         )
         self.close_backend = close_backend
         self._tg: TaskGroup | None = None
@@ -369,6 +401,7 @@ class Orchestrator:
                 succeed (``insufficient_quota``, a 401, a closed backend, a server down for ``max_outage``), so the
                 run stops: raised after yielding every document taken in (their unfinished pairs end ``RunStopped``
                 at once, also those waiting out a retry's backoff).
+            BudgetExceededError: the next call could take the run past its ``budget``; the run stops the same way.
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
                 before it are yielded.
@@ -462,7 +495,10 @@ class Orchestrator:
             asked.add(seen)
             return self.caller.is_cached(task, messages)
 
-        planner = Planner(self.tasks, self.context_sentences, prompt_tokens=self.caller.estimator.raw, cached=cached)
+        cost = self.prices.cost if self.prices is not None else None
+        planner = Planner(
+            self.tasks, self.context_sentences, prompt_tokens=self.caller.estimator.raw, cached=cached, cost=cost
+        )
         for position, item in enumerate(documents):
             document = _coerce(item, position)
             sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
@@ -580,6 +616,17 @@ class Orchestrator:
         )
 
     async def _run_pair(self, pair: _Pair, job: _Job) -> PairResult:
+        """The pair's outcome, its cost in ``PairResult.cost``; what its calls spent is added to its document's usage
+        (so a document's usage is the sum of its pairs', whatever each pair ended with)."""
+        usage = Usage()
+        try:
+            result = await self._ask_pair(pair, job, usage)
+        finally:
+            pair.state.usage.merge(usage)
+        result.cost = usage.cost
+        return result
+
+    async def _ask_pair(self, pair: _Pair, job: _Job, usage: Usage) -> PairResult:
         task, sentence, state = pair.task, pair.sentence, pair.state
         before, after = neighbours(state.sentences, sentence.index, self.context_sentences)
         try:
@@ -601,7 +648,7 @@ class Orchestrator:
                 job.calls.add(scope)
                 try:
                     answer = await self.caller.ask(
-                        task, messages, state.usage, state.document.id, on_attempt=count, on_retry=outage
+                        task, messages, usage, state.document.id, on_attempt=count, on_retry=outage
                     )
                 finally:
                     job.calls.discard(scope)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..chat import ChatRequest, ChatResponse, Message, RateLimitHeaders
+from ..costs import Prices
 
 __all__ = [
     "Backend",
@@ -43,6 +44,9 @@ class BackendSettings:
         identity: what tells this backend's answers apart from another's for the same request, for the request
             cache (:mod:`polytask.cache`): the server's base URL and model, or the local model and its decoding
             settings. Never a secret. None: the backend's ``name``.
+        prices: what its tokens cost (:class:`~polytask.costs.Prices`, USD per million tokens), for the run's
+            dollar cost and budget; None when unknown (a model genai-prices does not list, a server it does not
+            know). The local backend: ``Prices(input=0, output=0)``, known to cost nothing.
     """
 
     rpm: float | None = None
@@ -51,6 +55,7 @@ class BackendSettings:
     adaptive_concurrency: bool = True
     token_model: str | None = None
     identity: str | None = None
+    prices: Prices | None = None
 
 
 @runtime_checkable

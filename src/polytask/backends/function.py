@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from .._checks import check_positive
 from ..chat import ChatRequest, ChatResponse
+from ..costs import Prices
 from .base import BackendSettings, SettingsAttributes
 
 __all__ = ["FunctionBackend"]
@@ -26,6 +27,8 @@ class FunctionBackend(SettingsAttributes):
         fn: ``fn(request: ChatRequest) -> ChatResponse | BaseModel | dict | str`` (or an awaitable of one).
         name: shown in logs and progress.
         rpm, tpm: limits for the orchestrator's limiter to enforce (None for none).
+        prices: what the tokens it reports cost, USD per million tokens (default None: unknown), for the run's
+            dollar cost and budget.
 
     Raises:
         ConfigurationError: an ``rpm`` / ``tpm`` that is not a finite number > 0.
@@ -42,12 +45,13 @@ class FunctionBackend(SettingsAttributes):
         name: str = "function",
         rpm: float | None = None,
         tpm: float | None = None,
+        prices: Prices | None = None,
     ) -> None:
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
         self.fn = fn
         self.name = name
-        self.settings = BackendSettings(rpm=rpm, tpm=tpm)
+        self.settings = BackendSettings(rpm=rpm, tpm=tpm, prices=prices)
         self.calls = 0
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:

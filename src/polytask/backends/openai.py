@@ -26,6 +26,7 @@ from .._http import AiohttpClient, HTTPClient, Httpx2Client, async_library, tran
 from .._prompts import add_schema_to_system
 from .._version import __version__
 from ..chat import ChatRequest, ChatResponse
+from ..costs import Prices, prices_for
 from ..exceptions import ConfigurationError
 from .base import BackendSettings, SettingsAttributes
 
@@ -79,6 +80,9 @@ class OpenAIBackend(SettingsAttributes):
         cache_identity: what tells this server's answers apart in a request cache (default: the base URL, the
             model and ``extra_body``; never the API key). Give one that stays the same where the URL does not
             (a gateway that moves, a server on a new port).
+        prices: what its tokens cost, USD per million tokens (default: genai-prices' for ``model`` at ``base_url``,
+            via :func:`~polytask.costs.prices_for`; None there, for a model or server it does not know, leaves the
+            cost unknown). ``settings.prices`` holds them.
 
     ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
     is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
@@ -106,6 +110,7 @@ class OpenAIBackend(SettingsAttributes):
         project: str | None = None,
         extra_body: dict[str, Any] | None = None,
         cache_identity: str | None = None,
+        prices: Prices | None = None,
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (api_key or os.environ.get("OPENAI_API_KEY") or "").strip() or None
@@ -139,7 +144,15 @@ class OpenAIBackend(SettingsAttributes):
         if cache_identity is None:
             extra = json.dumps(extra_body, sort_keys=True, default=str) if extra_body else ""
             cache_identity = f"openai {self.base_url} {model} {extra}".strip()
-        self.settings = BackendSettings(rpm=rpm, tpm=tpm, token_model=model, identity=cache_identity)
+        if prices is not None and not isinstance(prices, Prices):
+            raise ConfigurationError(f"prices must be a polytask.Prices, got {type(prices).__name__}")
+        self.settings = BackendSettings(
+            rpm=rpm,
+            tpm=tpm,
+            token_model=model,
+            identity=cache_identity,
+            prices=prices if prices is not None else prices_for(model, base_url=self.base_url),
+        )
         self._url = self.base_url + "/chat/completions"
         self._secret = api_key
         self._extra_body = extra_body or {}
@@ -247,12 +260,15 @@ class OpenAIBackend(SettingsAttributes):
             choice = data["choices"][0]
             message = choice["message"]
             usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details")  # optional, and absent from many servers' answers
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
             return ChatResponse(
                 content=message.get("content"),
                 finish_reason=choice.get("finish_reason"),
                 refusal=message.get("refusal"),
                 prompt_tokens=usage.get("prompt_tokens") or 0,
                 completion_tokens=usage.get("completion_tokens") or 0,
+                cached_tokens=cached if isinstance(cached, int) else 0,
                 rate_limits=parse_rate_limit_headers(headers),
                 latency=latency,
             )

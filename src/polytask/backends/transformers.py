@@ -27,6 +27,7 @@ import anyio
 
 from .._checks import check_count, check_positive
 from ..chat import ChatRequest, ChatResponse
+from ..costs import Prices
 from ..exceptions import BackendClosedError, BackendError, BadRequestError, ConfigurationError, PolytaskError
 from .base import BackendSettings, SettingsAttributes
 
@@ -77,7 +78,8 @@ class TransformersBackend(SettingsAttributes):
         name: ``"local:<model>"``.
         settings: no rate limits; ``concurrency`` 2 × ``max_batch_size`` (the orchestrator's default calls in
             flight, so a row whose answer is done always finds a waiting call); ``adaptive_concurrency`` False (a
-            call's latency grows with the batch, not with overload, so the orchestrator's AIMD stays off).
+            call's latency grows with the batch, not with overload, so the orchestrator's AIMD stays off);
+            ``prices`` $0 (no dollars per token: the run's cost is known and 0).
         model: the loaded ``*ForCausalLM`` (None after :meth:`aclose`).
     """
 
@@ -154,6 +156,7 @@ class TransformersBackend(SettingsAttributes):
             concurrency=2 * self.max_batch_size,
             adaptive_concurrency=False,
             identity=f"local {source} dtype={dtype} repetition_penalty={self.repetition_penalty:g}",
+            prices=Prices(input=0, output=0),  # a local model costs no dollars: known, $0
         )
         tok, cfg = self.tokenizer, self.model.config
         stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()

@@ -2,8 +2,8 @@
 
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
-(insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds) or could
-not start; 130 when interrupted (143 on SIGTERM; the documents
+(insufficient quota, a rejected API key, a server that failed everything for ``--max-outage`` seconds, the next
+call could take the run past ``--budget``) or could not start; 130 when interrupted (143 on SIGTERM; the documents
 finished by then are kept in the partial file it names, or were already printed with ``-o -``); 141 when the reader
 of ``-o -`` went away. After exit 2, 130, 143 or any death (kill -9), the same command resumes: the documents its
 partial file holds are not asked again (``--restart`` starts over), see :mod:`polytask.cli._journal`.
@@ -28,7 +28,7 @@ from . import _options
 from ._exits import err, fail, show_warnings, signals
 from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
-from ._options import TASK_HELP, check_local, check_numbers, check_paths, parse_task, parse_tasks
+from ._options import TASK_HELP, check_local, check_numbers, check_paths, check_prices, parse_task, parse_tasks
 from ._run import Progress, dry_run_table, write_file, write_stdout
 
 __all__ = ["app", "main", "parse_task"]
@@ -56,6 +56,26 @@ def run(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
     attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
+    price_in: Annotated[
+        float | None,
+        typer.Option(
+            metavar="USD",
+            help="What a prompt token costs, USD per million tokens (with --price-out; default: genai-prices' price "
+            "for a known model at a known provider, else the cost is unknown).",
+        ),
+    ] = None,
+    price_out: Annotated[
+        float | None,
+        typer.Option(metavar="USD", help="What a completion token costs, USD per million tokens (with --price-in)."),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            metavar="USD",
+            help="Stop before a call that could take the run's cost past this many dollars (exit 2; needs known "
+            "prices). A rerun with a higher budget resumes from the cache.",
+        ),
+    ] = None,
     max_outage: Annotated[
         float,
         typer.Option(help="Stop the run after the server failed every call for this many seconds (0: never)."),
@@ -118,7 +138,11 @@ def run(
         context=context,
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
+        price_in=price_in,
+        price_out=price_out,
+        budget=budget,
     )
+    prices = check_prices(price_in, price_out)
     simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
     if backend == "local":
         check_local(
@@ -164,6 +188,8 @@ def run(
                 max_outage=max_outage or None,
                 context_sentences=context,
                 cache=None if no_cache else (cache or default_cache_path()),
+                prices=prices,
+                budget=budget,
             )
         except PolytaskError as error:
             fail(str(error))

@@ -1,5 +1,5 @@
 """What ``polytask run``'s options become, each checked before anything is opened or started (a bad one exits 2
-naming it): the tasks, the numbers, the paths, and the backend (or the built-in simulator)."""
+naming it): the tasks, the numbers, the prices, the paths, and the backend (or the built-in simulator)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from ..backends.base import Backend
+from ..costs import Prices
 from ..exceptions import PolytaskError
 from ..tasks import Classify, Entities, Sentiment, Task
 from ._exits import fail
@@ -19,6 +20,7 @@ __all__ = [
     "check_local",
     "check_numbers",
     "check_paths",
+    "check_prices",
     "make_backend",
     "parse_task",
     "parse_tasks",
@@ -55,7 +57,7 @@ def parse_tasks(specs: list[str] | None) -> list[Task[Any]]:
 
 def check_numbers(**values: float | None) -> None:
     """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
-    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts")
+    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget")
     for name, value in values.items():
         if value is None:
             continue
@@ -68,6 +70,17 @@ def check_numbers(**values: float | None) -> None:
     faults = values.get("simulate_faults") or 0
     if faults > 1:
         fail(f"--simulate-faults is a share of calls, from 0 to 1, got {faults:g}")
+
+
+def check_prices(price_in: float | None, price_out: float | None) -> Prices | None:
+    """``--price-in`` / ``--price-out`` (USD per million tokens, already checked ≥ 0) as :class:`Prices`, or None
+    when neither is given (the backend's own, if it knows them); one without the other exits 2."""
+    if price_in is None and price_out is None:
+        return None
+    if price_in is None or price_out is None:
+        given, missing = ("--price-in", "--price-out") if price_out is None else ("--price-out", "--price-in")
+        fail(f"{given} needs {missing} too: pass both (USD per million prompt / completion tokens)")
+    return Prices(input=price_in, output=price_out)
 
 
 def check_local(given: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import anyio
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..costs import format_usd
 from ..orchestrator import RunStats
 from ._exits import err
 
@@ -19,11 +20,13 @@ __all__ = ["Reporter", "duration", "status"]
 
 
 def status(stats: RunStats, elapsed: float) -> str:
-    """The run's counters in one line: request rate, tokens, 429s, retries, failed pairs."""
+    """The run's counters in one line: request rate, tokens, dollars (when prices are known), 429s, retries, failed
+    pairs."""
     rate = stats.requests / elapsed if elapsed > 0 else 0.0
+    cost = f" · {format_usd(stats.cost)}" if stats.prices is not None else ""  # never $0 for unknown prices
     return (
-        f"{rate:.1f} req/s · {stats.prompt_tokens + stats.completion_tokens:,} tok · 429s {stats.rate_limited} · "
-        f"retries {stats.retries} · errors {stats.pairs_failed}"
+        f"{rate:.1f} req/s · {stats.prompt_tokens + stats.completion_tokens:,} tok{cost} · "
+        f"429s {stats.rate_limited} · retries {stats.retries} · errors {stats.pairs_failed}"
     )
 
 

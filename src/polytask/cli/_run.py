@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..costs import format_usd
 from ..dry_run import DryRun
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
@@ -54,6 +55,9 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed
         ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
         ("answers from the cache", f"{stats.cache_hits}"),
+        # never "$0.00" for a model whose prices nobody knows
+        ("cost", format_usd(stats.cost) if stats.prices is not None else "unknown (pass --price-in/--price-out)"),
+        *([("price per million tokens", stats.prices.describe())] if stats.prices is not None else []),
         ("elapsed", f"{elapsed:.1f} s"),
     ]
     for key, value in rows:
@@ -75,7 +79,7 @@ def dry_run_table(plan: DryRun, invalid: int) -> Table:
         ("answered in the cache (free)", f"{plan.cached:,}"),
         ("calls to make", f"{plan.calls:,} (before re-asks and retries)"),
         ("prompt / completion tokens", f"≈ {plan.prompt_tokens:,} / ≈ {plan.completion_tokens:,}"),
-        ("cost", "unknown (pass --price-in/--price-out)" if plan.cost is None else f"≈ ${plan.cost:,.4f}"),
+        ("cost", "unknown (pass --price-in/--price-out)" if plan.cost is None else f"≈ {format_usd(plan.cost)}"),
         (
             "time the rate limits allow",
             f"≥ {duration(seconds)} at {limits}" if seconds is not None else "no RPM / TPM limit given (--rpm, --tpm)",
