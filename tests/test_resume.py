@@ -190,3 +190,24 @@ def test_which_records_a_resume_runs_again():
             assert redo({"pairs": [{"error": {"type": kind}}]}), kind
     assert redo({"id": "b", "line": 2, "error": {"type": "RunStopped"}})  # never started
     assert redo({"id": None, "line": 3, "error": {"type": "InputError"}})  # read again from the input
+
+
+def test_an_output_that_cannot_be_written_keeps_the_work_for_the_rerun(tmp_path, monkeypatch):
+    import polytask.cli._options as options
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 5)
+    monkeypatch.setattr(options, "make_backend", Server())
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Journal, "assemble", full_disk)
+        result = run_cli(source, "-o", out, "-t", "sentiment")
+    assert result.exit_code == 2 and "No space left on device" in result.output and "rerun" in result.output
+    assert not out.exists() and (tmp_path / ".out.jsonl.partial").exists()
+    server = Server()
+    monkeypatch.setattr(options, "make_backend", server)
+    assert run_cli(source, "-o", out, "-t", "sentiment", "--no-cache").exit_code == 0
+    assert server.calls == 0 and len(records(out)) == 5  # every document came from the partial file

@@ -20,7 +20,7 @@ from ..dry_run import DryRun
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
 from . import _jsonl
-from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, holds, keep_partial, signals, stops
+from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, fail, holds, keep_partial, signals, stops
 from ._journal import Journal
 from ._jsonl import LINE, SEQ, Input, Writer, in_thread
 from ._progress import Reporter, duration
@@ -177,7 +177,14 @@ def write_file(orch: Orchestrator, source: Input, journal: Journal, show: Progre
     if journal.mismatch:  # the input is not the one the partial file was written for: nothing is assembled
         journal.close(remove=False)
         return code
-    journal.assemble()
+    try:
+        journal.assemble()
+    except OSError as error:  # a full disk, a folder made read-only meanwhile: the work stays in the partial file
+        journal.close(remove=False)
+        fail(
+            f"could not write {journal.output}: {error.strerror or error}; every finished document stays in "
+            f"{journal.path}: fix the cause and rerun the same command (nothing is asked again)"
+        )
     journal.close(remove=code != STOPPED)
     if code == STOPPED:
         err.print(
