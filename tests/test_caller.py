@@ -2,12 +2,14 @@
 one re-ask and the typed errors, against a FunctionBackend in virtual time (FakeClock: no real sleeps)."""
 
 import json
+from datetime import UTC, datetime
 
+import anyio
 import pytest
 from pydantic import BaseModel
 
 import polytask as pt
-from polytask._caller import AskError, Caller, CallStats
+from polytask._caller import AskError, Caller, CallStats, Flight
 from polytask._estimates import PromptEstimator
 from polytask._prompts import build_messages, reask_messages
 from polytask.concurrency import AdaptiveConcurrency, CircuitBreaker
@@ -291,18 +293,64 @@ async def test_a_429_with_retry_after_pauses_the_shared_limiter():
     assert caller.stats.rate_limited == 1 and caller.stats.retries == 1
 
 
-async def test_a_429_asking_longer_than_max_retry_after_fails_without_pausing_the_others():
+RECEIVED = datetime(2026, 12, 4, 20, 40, 30, tzinfo=UTC)  # the wall clock when the long 429 arrives
+
+
+async def test_a_429_asking_longer_than_max_retry_after_is_a_retry_later_error_that_says_when_to_resume():
     clock = FakeClock()
     limiter = pt.RateLimiter(clock=clock)
-    limited = pt.RateLimitError("x", status_code=429, retry_after=3600)
-    retry = pt.RetryPolicy(attempts=4, wait_jitter=0, max_retry_after=60)
-    caller, backend, _ = make_caller(scripted(limited, GOOD), clock=clock, limiter=limiter, retry=retry)
+    limited = pt.RateLimitError(
+        "on requests per day (RPD)", status_code=429, code="rate_limit_exceeded", retry_after=86_400
+    )
+    caller, backend, _ = make_caller(scripted(limited, GOOD), clock=clock, limiter=limiter)
+    caller.wall_clock = RECEIVED.timestamp
     task, messages = question()
     with pytest.raises(AskError) as info:
         await caller.ask(task, messages, pt.Usage(), "doc")
-    assert info.value.error is limited and info.value.attempts == 1
-    assert backend.calls == 1
-    assert limiter.wait_time(1) == 0
+    error = info.value.error
+    assert isinstance(error, pt.RetryLaterError) and isinstance(error, pt.RateLimitError)
+    assert pt.exceptions.is_fatal_to_run(error) and error.__cause__ is limited
+    assert (error.status_code, error.code, error.retry_after) == (429, "rate_limit_exceeded", 86_400)
+    assert error.resume_at == datetime(2026, 12, 5, 20, 40, 30, tzinfo=UTC)
+    assert str(error).startswith(
+        "HTTP 429: the server asks to wait 86400 s (Retry-After), longer than max_retry_after=300 s: the run stopped; "
+        "resume after 2026-12-05 20:41 UTC (rerun the same command)."  # rounded up to the minute: never early
+    )
+    assert "on requests per day (RPD)" in str(error)  # what the server said, too
+    assert info.value.attempts == 1 and backend.calls == 1 and clock.sleeps == []
+    assert limiter.wait_time(1) == 0  # nothing waits for it: the run stops
+    assert caller.stats.rate_limited == 1 and caller.stats.retries == 0
+
+
+async def test_a_retry_after_at_max_retry_after_is_still_waited_and_infinity_has_no_date():
+    retry = pt.RetryPolicy(attempts=4, wait_jitter=0, max_retry_after=60)
+    at_most = pt.RateLimitError("x", status_code=429, retry_after=60)
+    caller, _, clock = make_caller(scripted(at_most, GOOD), retry=retry)
+    task, messages = question()
+    assert (await caller.ask(task, messages, pt.Usage(), "doc")).attempts == 2 and clock.sleeps == [60]
+    forever = pt.RateLimitError("x", status_code=429, retry_after=float("inf"))
+    caller, _, _ = make_caller(scripted(forever), retry=retry)
+    with pytest.raises(AskError) as info:
+        await caller.ask(task, messages, pt.Usage(), "doc")
+    error = info.value.error
+    assert isinstance(error, pt.RetryLaterError) and error.resume_at is None
+    assert "it gave no time to resume" in str(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pt.QuotaExceededError("x", status_code=429, code="insufficient_quota", retry_after=86_400),
+        pt.ServerError("maintenance", status_code=503, retry_after=86_400),
+    ],
+)
+async def test_only_a_rate_limit_429_becomes_a_retry_later_error(error):
+    # out of credit stays QuotaExceededError; a 503 asking a day fails its call, as before (not retried)
+    caller, backend, clock = make_caller(scripted(error, GOOD))
+    task, messages = question()
+    with pytest.raises(AskError) as info:
+        await caller.ask(task, messages, pt.Usage(), "doc")
+    assert info.value.error is error and backend.calls == 1 and clock.sleeps == []
 
 
 async def test_a_call_larger_than_the_tpm_limit_never_reaches_the_backend():
@@ -335,3 +383,128 @@ async def test_server_failures_open_the_breaker_and_4xx_answers_do_not():
     with pytest.raises(AskError):
         await caller.ask(task, messages, pt.Usage(), "doc")
     assert breaker.state == "open"
+
+
+# --- a question stopped through its Flight (the orchestrator's stop) --------------------------------------------
+
+
+def stopped_at_the_server(flight, *steps):
+    """A backend function playing ``steps`` in order, the run stopping (``flight.stop``) while the first request is
+    at the server."""
+    play = scripted(*steps)
+
+    def fn(request):
+        if not flight.stopped_by:
+            assert flight.sending  # at the server: the stop lets it finish
+            flight.stop("QuotaExceededError")
+        return play(request)
+
+    return fn
+
+
+async def ask_in(caller, flight, task, messages):
+    with flight.scope:
+        return await caller.ask(task, messages, pt.Usage(), "doc", flight=flight)
+
+
+async def test_an_answer_that_arrives_after_the_stop_is_kept_and_cached(tmp_path):
+    flight = Flight()
+    caller, backend, _ = make_caller(stopped_at_the_server(flight, GOOD))
+    caller.cache = pt.RequestCache(tmp_path / "c.sqlite")
+    task, messages = question()
+    answer = await ask_in(caller, flight, task, messages)
+    assert answer.value == task.parse(json.dumps(GOOD)) and answer.attempts == 1
+    assert not flight.scope.cancel_called and backend.calls == 1
+    assert len(caller.cache) == 1  # paid for: a rerun asks nothing
+
+
+CUT = pt.ChatResponse(content='{"topic": "a very lo', finish_reason="length", completion_tokens=23)
+
+
+@pytest.mark.parametrize(
+    ("reply", "what"),
+    [
+        (BAD, "not re-asked after an invalid answer (label: "),
+        (pt.ServerError("overloaded", status_code=503), "not retried after ServerError (HTTP 503: overloaded)"),
+        (pt.APIConnectionError("reset"), "not retried after APIConnectionError (reset)"),
+        (CUT, "not asked again in full after an answer cut off at max_tokens=23"),
+    ],
+)
+async def test_after_the_stop_nothing_new_is_sent_for_a_call_that_was_at_the_server(reply, what):
+    flight = Flight()
+    caller, backend, clock = make_caller(stopped_at_the_server(flight, reply, GOOD, GOOD))
+    task, messages = question()
+    if reply is CUT:  # answered under a learned completion cap of 23 tokens, not the task's 500
+        task, messages = question(pt.Task("topic", Topic, "Name the topic.", max_tokens=500))
+        for _ in range(20):
+            caller.budget(task).observe(5)
+    with pytest.raises(AskError) as info:
+        await ask_in(caller, flight, task, messages)
+    error = info.value.error
+    assert isinstance(error, pt.RunStopped)
+    assert str(error).startswith(what) and str(error).endswith(": the run stopped (QuotaExceededError)")
+    assert info.value.attempts == 1 and not info.value.reasked  # the attempt made counts; none was added
+    assert backend.calls == 1 and clock.sleeps == []  # no second request, no backoff waited
+    assert (caller.stats.retries, caller.stats.reasks) == (0, 0)
+
+
+async def test_a_retry_at_the_server_when_the_run_stops_is_not_retried_again():
+    # the stop comes during the second attempt (tenacity's loop, not the first attempt's own path)
+    flight = Flight()
+    down = pt.ServerError("overloaded", status_code=503)
+    play = scripted(down, down, GOOD)
+
+    def fn(request):
+        if backend.calls == 2:
+            flight.stop("QuotaExceededError")
+        return play(request)
+
+    caller, backend, clock = make_caller(fn)
+    task, messages = question()
+    with pytest.raises(AskError) as info:
+        await ask_in(caller, flight, task, messages)
+    assert isinstance(info.value.error, pt.RunStopped) and info.value.error.__cause__ is down
+    assert info.value.attempts == 2 and backend.calls == 2
+    assert len(clock.sleeps) == 1 and caller.stats.retries == 1  # the backoff before the second attempt only
+
+
+async def test_a_re_send_made_before_the_stop_is_counted_and_its_answer_kept():
+    # cut off under the learned cap, asked again in full; the run stops while that second request is at the server
+    task, messages = question(pt.Task("topic", Topic, "Name the topic.", max_tokens=500))
+    flight = Flight()
+    seen = []
+
+    def fn(request):
+        seen.append(request.max_tokens)
+        if len(seen) == 1:
+            return CUT
+        flight.stop("QuotaExceededError")
+        return {"topic": "travel"}
+
+    caller, _, _ = make_caller(fn)
+    for _ in range(20):
+        caller.budget(task).observe(5)
+    answer = await ask_in(caller, flight, task, messages)
+    assert answer.value == Topic(topic="travel") and answer.attempts == 2 and seen == [23, 500]
+
+
+async def test_a_stopped_call_waiting_on_the_limiter_ends_at_once_and_never_reaches_the_backend():
+    clock = FakeClock()
+    limiter = pt.RateLimiter(clock=clock)
+    limiter.pause(3600)  # every acquisition waits (a FakeClock sleep would jump it: stopped first, below)
+    waiting = anyio.Event()
+
+    async def held(seconds):
+        waiting.set()
+        await anyio.sleep_forever()
+
+    clock.sleep = held
+    caller, backend, _ = make_caller(scripted(GOOD), clock=clock, limiter=limiter)
+    task, messages = question()
+    flight = Flight()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask_in, caller, flight, task, messages)
+        await waiting.wait()
+        assert not flight.sending
+        flight.stop("QuotaExceededError")
+    assert flight.scope.cancelled_caught and backend.calls == 0 and caller.stats.requests == 0

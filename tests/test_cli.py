@@ -496,3 +496,36 @@ def test_progress_lines_follow_the_clock_and_say_what_is_left():
         "progress: 40 / 100 documents (40.0%) · 4.0 req/s · 1,000 tok · 429s 2 · retries 0 · errors 1 · ETA 30s"
     ]
     assert [duration(s) for s in (0, 59.6, 61, 3600 * 3 + 125)] == ["0s", "1m00s", "1m01s", "3h02m"]
+
+
+def test_a_spent_daily_quota_stops_the_run_says_when_to_resume_and_the_rerun_pays_only_the_rest(
+    tmp_path, monkeypatch, simulator
+):
+    # every call after the first 20 meets a 429 asking to wait a day: the run stops at the first (exit 2, saying
+    # when to resume) instead of failing the other 180 calls one by one against the server
+    sim = simulator(daily_quota=20, latency=0.02)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-123456")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}. Its sentence {i}."}}\n' for i in range(100)))
+    out = tmp_path / "out.jsonl"
+    args = [source, "-o", out, "--base-url", sim.base_url, "--model", "sim-model", "-t", "sentiment"]
+    result = run_cli(*args, "--concurrency", "4")
+    assert result.exit_code == 2, result.output
+    assert "stopped: HTTP 429: the server asks to wait 86400 s (Retry-After), longer than max_retry_after=300" in (
+        result.output
+    )
+    assert "resume after " in result.output and " UTC (rerun the same command)" in result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [f"d{i}" for i in range(100)]  # every input line has its output line
+    answered = sum(p["error"] is None for r in lines for p in r.get("pairs", []))
+    assert answered == sim.stats.outcomes["ok"] == 20  # every answer the server gave is written
+    assert sim.stats.outcomes["daily_quota"] <= 4  # the first 429, and at most the 3 other calls then in flight
+    assert sim.stats.received == 20 + sim.stats.outcomes["daily_quota"]
+
+    sim.config = sim.config.model_copy(update={"daily_quota": None})  # the next day
+    rerun = run_cli(*args)
+    assert rerun.exit_code == 0, rerun.output
+    # the 20 paid for are not paid again: whole documents from the partial file, the other answers from the cache
+    from_cache = int(summary_value(rerun.output, "answers from the cache"))
+    assert from_cache + 2 * int(summary_value(rerun.output, "documents finished by an earlier run")) == 20
+    assert summary_value(rerun.output, "requests").split()[0] == "180"

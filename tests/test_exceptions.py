@@ -32,6 +32,7 @@ EXPECTED = {
     "UnprocessableEntityError": (False, False, False, False),
     "RateLimitError": (True, False, False, False),
     "QuotaExceededError": (False, True, False, False),
+    "RetryLaterError": (False, True, False, False),
     "ServerError": (True, False, True, True),
     "MalformedResponseError": (True, False, True, True),
     "AnswerError": (False, False, False, False),
@@ -45,6 +46,8 @@ ASK = (exceptions.is_retryable, exceptions.is_fatal_to_run, exceptions.is_server
 def instance(cls: type[Exception]) -> Exception:
     """One instance of ``cls``, whatever its constructor takes."""
     params = inspect.signature(cls.__init__).parameters
+    if "resume_at" in params:
+        return cls("x", retry_after=86_400.0, resume_at=None)
     if "status_code" in params:
         return cls("x", status_code=500)
     if "content" in params:
@@ -75,3 +78,11 @@ def test_the_retry_policy_asks_the_same_question() -> None:
     from polytask.retry import is_retryable
 
     assert is_retryable is exceptions.is_retryable
+
+
+def test_retry_later_is_a_rate_limit_error_that_stops_the_run() -> None:
+    # `except RateLimitError` still catches it; what it means for a run is its own
+    error = exceptions.RetryLaterError("wait", retry_after=86_400.0, resume_at=None)
+    assert isinstance(error, exceptions.RateLimitError) and error.status_code == 429
+    assert error.retry_after == 86_400.0 and error.resume_at is None
+    assert exceptions.is_fatal_to_run(error) and not exceptions.is_retryable(error)

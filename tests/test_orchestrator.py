@@ -445,22 +445,27 @@ async def test_breaker_probe_cancelled_while_queued_lets_the_next_call_probe():
     assert not ok.partial and orch.breaker.state == "closed" and len(calls) == 11
 
 
-async def test_retry_after_past_max_retry_after_fails_the_call_and_holds_no_other():
+async def test_a_retry_after_past_max_retry_after_stops_the_run_without_waiting_or_hammering():
+    # a daily quota spent: before, that call failed and every other went on to meet the same 429, one by one
     clock = FakeClock()
     calls = []
 
     def fn(request):
-        calls.append(clock.now())
+        calls.append(request)
         if len(calls) == 1:
-            raise pt.RateLimitError("slow", status_code=429, retry_after=float("inf"))
+            raise pt.RateLimitError("on requests per day (RPD)", status_code=429, retry_after=86_400)
         return {"label": "neutral", "score": 0.0}
 
-    async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], clock=clock) as orch:
-        with anyio.fail_after(5):
-            first = await orch.process("First.")
-            second = await orch.process("Second.")
-    assert first.pairs[0].error.type == "RateLimitError" and first.pairs[0].attempts == 1
-    assert not second.partial and calls[1] == 0.0  # a daily cap must not hold every other call for 300 s each
+    backend = pt.FunctionBackend(fn)
+    async with pt.Orchestrator(backend, [pt.Sentiment()], clock=clock, max_concurrency=1, learn_limits=False) as orch:
+        with anyio.fail_after(5), pytest.raises(pt.RetryLaterError, match=r"resume after .* UTC") as info:
+            await orch.run(["First.", "Second.", "Third."])
+    first, *rest = info.value.results
+    assert first.pairs[0].error.type == "RetryLaterError" and first.pairs[0].attempts == 1
+    assert "longer than max_retry_after=300 s" in first.pairs[0].error.message
+    assert all(r.pairs[0].error.type == "RunStopped" and r.pairs[0].attempts == 0 for r in rest)
+    assert len(calls) == 1 and clock.sleeps == []  # no call after it, and nobody waited a day
+    assert info.value.retry_after == 86_400 and info.value.resume_at is not None
 
 
 def _answer(request):
@@ -530,10 +535,9 @@ async def test_rejected_api_key_stops_the_run_and_keeps_work():
     assert set(errors_of(got)) <= {"AuthenticationError", "RunStopped"}
 
 
-@pytest.mark.parametrize("where", ["backoff", "in_flight"])
-async def test_a_stop_ends_calls_waiting_out_a_backoff_or_in_flight_at_once(where):
-    # one call waits out a 503's 60 s Retry-After (or hangs on the server) when another gets a 401: the run ends
-    # at once, that call's pair RunStopped with its attempt counted, and no further attempt is sent
+async def test_a_stop_ends_a_call_waiting_out_a_backoff_at_once():
+    # one call waits out a 503's 60 s Retry-After when another gets a 401: the run ends at once, that call's pair
+    # RunStopped with its attempt counted, and no further attempt is sent
     failed_once = anyio.Event()
     calls = []
 
@@ -542,9 +546,7 @@ async def test_a_stop_ends_calls_waiting_out_a_backoff_or_in_flight_at_once(wher
         calls.append(text)
         if "Slow" in text:
             failed_once.set()
-            if where == "backoff":
-                raise pt.ServerError("overloaded", status_code=503, retry_after=60)
-            await anyio.sleep(60)
+            raise pt.ServerError("overloaded", status_code=503, retry_after=60)
         await failed_once.wait()
         raise pt.AuthenticationError("invalid api key", status_code=401)
 
@@ -559,6 +561,135 @@ async def test_a_stop_ends_calls_waiting_out_a_backoff_or_in_flight_at_once(wher
     assert slow.pairs[0].error.type == "RunStopped" and slow.pairs[0].attempts == 1
     assert "AuthenticationError" in slow.pairs[0].error.message
     assert sum("Slow" in c for c in calls) == 1  # not retried after the stop
+
+
+SENT = {"label": "positive", "score": 0.5}
+
+
+async def test_answers_at_the_server_when_the_run_stops_are_kept_cached_and_no_call_is_sent_after(tmp_path):
+    # 10 calls at the server, one comes back out of quota: the other 9, answered after the stop, are paid for and
+    # kept (before, they were dropped as RunStopped: the server answered 806 calls, polytask kept 757); the pairs
+    # still waiting for a call slot end RunStopped at once and never reach the server
+    at_server = 0
+    all_in, release = anyio.Event(), anyio.Event()
+
+    async def fn(request):
+        nonlocal at_server
+        at_server += 1
+        if at_server == 10:
+            all_in.set()
+        if "Stop" in request.messages[-1]["content"]:
+            await all_in.wait()
+            raise pt.QuotaExceededError("quota", status_code=429, code="insufficient_quota")
+        await release.wait()
+        return SENT
+
+    backend = pt.FunctionBackend(fn)
+    cache = pt.RequestCache(tmp_path / "cache.sqlite")
+    docs = [("stop", "Stop here.")] + [(f"d{i}", f"Document {i}.") for i in range(14)]
+    got = {}
+    options = {"max_concurrency": 10, "adaptive_concurrency": False, "learn_limits": False, "cache": cache}
+    with anyio.fail_after(5):
+        async with pt.Orchestrator(backend, [pt.Sentiment()], clock=FakeClock(), **options) as orch:
+            with pytest.raises(pt.QuotaExceededError):
+                async for r in orch.stream(docs):
+                    got[r.id] = r
+                    if r.id == "stop":  # the run has stopped: now the 9 answers come back
+                        release.set()
+    assert got["stop"].pairs[0].error.type == "QuotaExceededError"
+    kept = sorted(i for i, r in got.items() if not r.partial)
+    assert kept == [f"d{i}" for i in range(9)]
+    assert all(got[i].results["sentiment"].label == "positive" and got[i].pairs[0].attempts == 1 for i in kept)
+    waiting = [r.pairs[0] for i, r in got.items() if i not in kept and i != "stop"]  # those read before the stop
+    assert waiting and all(p.error.type == "RunStopped" and p.attempts == 0 for p in waiting)
+    assert backend.calls == 10 and len(cache) == 9  # every answer paid for is kept, and cached for the rerun
+    assert (orch.stats.documents_done, orch.stats.documents_partial) == (len(got), len(got) - 9)
+    cache.close()
+
+
+class HeldClock:
+    """Time stands still: a wait on it never ends (until cancelled); ``waiting`` is set once something waits."""
+
+    def __init__(self):
+        self.waiting = anyio.Event()
+
+    def now(self):
+        return 0.0
+
+    async def sleep(self, seconds):
+        self.waiting.set()
+        await anyio.sleep_forever()
+
+
+async def test_a_stop_ends_a_call_waiting_on_the_rate_limiter_before_it_reaches_the_server():
+    clock = HeldClock()
+    at_server = anyio.Event()
+    calls = []
+
+    async def fn(request):
+        calls.append(request.messages[-1]["content"])
+        at_server.set()
+        await clock.waiting.wait()  # the second call waits on the limiter: then the quota runs out
+        raise pt.QuotaExceededError("quota", status_code=429, code="insufficient_quota")
+
+    async def documents():
+        yield ("stop", "Stop here.")
+        await at_server.wait()
+        yield ("wait", "Wait here.")
+
+    limiter = pt.RateLimiter(rpm=2, clock=clock)  # one call now, the next one 30 s later
+    got = {}
+    with anyio.fail_after(5):
+        async with pt.Orchestrator(pt.FunctionBackend(fn), [pt.Sentiment()], clock=clock, limiter=limiter) as orch:
+            with pytest.raises(pt.QuotaExceededError):
+                async for r in orch.stream(documents()):
+                    got[r.id] = r
+    wait = got["wait"].pairs[0]
+    assert wait.error.type == "RunStopped" and wait.attempts == 0
+    assert wait.error.message == "not completed: the run stopped (QuotaExceededError)"
+    assert len(calls) == 1 and "Stop here." in calls[0]
+
+
+@pytest.mark.parametrize(
+    ("reply", "what"),
+    [
+        ({"label": "ecstatic", "score": 0.5}, "not re-asked after an invalid answer"),
+        (pt.ServerError("overloaded", status_code=503), "not retried after ServerError"),
+    ],
+)
+async def test_a_call_at_the_server_when_the_run_stops_is_neither_retried_nor_re_asked(reply, what):
+    at_server, release = anyio.Event(), anyio.Event()
+    calls = []
+
+    async def fn(request):
+        text = request.messages[1]["content"]
+        calls.append(text)
+        if "Slow" in text:
+            at_server.set()
+            await release.wait()
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        await at_server.wait()
+        raise pt.AuthenticationError("invalid api key", status_code=401)
+
+    got = {}
+    clock = FakeClock()
+    backend = pt.FunctionBackend(fn)
+    with anyio.fail_after(5):
+        async with pt.Orchestrator(
+            backend, [pt.Sentiment()], clock=clock, max_concurrency=2, learn_limits=False
+        ) as orch:
+            with pytest.raises(pt.AuthenticationError):
+                async for r in orch.stream([("slow", "Slow one."), ("bad", "Bad one.")]):
+                    got[r.id] = r
+                    release.set()  # the run has stopped: the slow call's answer comes back now
+    slow = got["slow"].pairs[0]
+    assert slow.error.type == "RunStopped" and slow.error.message.startswith(what)
+    assert slow.error.message.endswith("the run stopped (AuthenticationError)")
+    assert slow.attempts == 1 and not slow.reasked
+    assert sum("Slow" in c for c in calls) == 1 and clock.sleeps == []  # nothing sent, nothing waited
+    assert (orch.stats.retries, orch.stats.reasks) == (0, 0)
 
 
 async def test_a_closed_backend_stops_the_run_instead_of_failing_every_pair():

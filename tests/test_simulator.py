@@ -400,6 +400,24 @@ def test_max_concurrency_gives_503_without_rate_limit_headers(simulator: Simulat
     assert sim.stats.max_in_flight >= 2 and sim.stats.outcomes == {"ok": 1, "over_capacity": 2}
 
 
+def test_a_spent_daily_quota_answers_429_asking_to_wait_a_day(simulator: SimulatorFactory) -> None:
+    sim = simulator(daily_quota=2)
+    assert [post(sim.base_url or "", body(s)).status_code for s in "ab"] == [200, 200]
+    r = post(sim.base_url or "", body("c"))
+    assert r.status_code == 429
+    assert (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("86400", "86400000")
+    err = r.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
+    assert err["message"].startswith(
+        "Rate limit reached for gpt-test on requests per day (RPD): Limit 2, Used 2, Requested 1. "
+        "Please try again in 24h0m0s."
+    )
+    assert post(sim.base_url or "", body("d")).status_code == 429  # it never refills
+    assert sim.stats.outcomes == {"ok": 2, "daily_quota": 2}
+    with pytest.raises(ValidationError):
+        SimulatorConfig(daily_quota=-1)
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValidationError):
         FaultRates(server_error=0.6, reset=0.6)

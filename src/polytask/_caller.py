@@ -9,13 +9,23 @@ tokens) → backend → settle both reservations with the real usage and its cos
 headers, the token calibration, the concurrency controller and the breaker → validate; retried by the
 :class:`~polytask.RetryPolicy` (each retry goes back through the breaker, the slot, the budget and the limiter), and
 re-asked once with the validation error when the answer is invalid.
+
+A 429 asking to wait longer than the policy's ``max_retry_after`` (a daily quota) becomes a
+:class:`~polytask.RetryLaterError`, which stops the run: converted here, the one place that knows the policy.
+
+A question may be stopped through its :class:`Flight` (the orchestrator does when the run stops): while it waits it
+ends at once; while its request is at the server the answer is let arrive (it is paid for) and kept when valid, but
+nothing new is sent for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -37,6 +47,8 @@ from .exceptions import (
     QuotaExceededError,
     RateLimitError,
     RefusalError,
+    RetryLaterError,
+    RunStopped,
     ServerError,
     is_server_failure,
 )
@@ -44,7 +56,7 @@ from .limits import Clock, RateLimiter
 from .retry import RetryPolicy
 from .tasks.base import Task
 
-__all__ = ["Answer", "CallStats", "Caller"]
+__all__ = ["Answer", "CallStats", "Caller", "Flight"]
 
 logger = logging.getLogger("polytask")
 
@@ -84,6 +96,43 @@ class AskError(Exception):
         self.reasked = reasked
 
 
+@dataclass(eq=False)
+class Flight:
+    """One question's way through :meth:`Caller.ask`, as whoever may stop it sees it (the orchestrator: one per pair).
+
+    :meth:`stop` ends a question that is waiting (on the circuit breaker, a concurrency slot, the rate limiter, a
+    retry's backoff) at once, by cancelling ``scope``. A question whose request is at the server (``sending``) is let
+    finish, since its answer is paid for: a valid answer is kept (and cached); but nothing new is sent for it — no
+    retry of a failed attempt, no re-ask of an invalid answer, no re-send of a cut-off one — and the question ends
+    :class:`~polytask.RunStopped` instead. Cancellation from outside (Ctrl-C) still reaches a request at the server.
+
+    Attributes:
+        scope: the cancel scope the question runs in (whoever calls ``ask`` enters it around the call).
+        sending: a request of the question is at the backend now (set by the caller around ``backend.complete``).
+        stopped_by: why the run stopped (named in the pair's error), once :meth:`stop` was called; else None.
+    """
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    sending: bool = False
+    stopped_by: str | None = None
+
+    def stop(self, why: str) -> None:
+        """The run stopped (``why``: what stopped it): end the question at once, or after its answer arrives."""
+        self.stopped_by = why
+        if not self.sending:
+            self.scope.cancel()
+
+    def check(self, what: str, cause: BaseException | None = None) -> None:
+        """Called before anything new is sent for the question; ``what`` says what is then not done
+        (``"not re-asked after …"``), ``cause`` what led to it.
+
+        Raises:
+            RunStopped: the question was stopped.
+        """
+        if self.stopped_by is not None:
+            raise RunStopped(f"{what}: the run stopped ({self.stopped_by})") from cause
+
+
 def _short(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:10])
 
@@ -107,6 +156,7 @@ class Caller:
         identity: str = "",
         prices: Prices | None = None,
         spending: Budget | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.prices = prices
         self.spending = spending  # needs prices (the orchestrator checks)
@@ -122,6 +172,7 @@ class Caller:
         self.temperature = temperature
         self.stats = stats
         self._budgets: dict[str, CompletionBudget] = {}
+        self.wall_clock = wall_clock  # seconds since the epoch: when a RetryLaterError says to resume
 
     def budget(self, task: Task[Any]) -> CompletionBudget:
         if task.name not in self._budgets:
@@ -147,14 +198,20 @@ class Caller:
         label: str,
         on_attempt: Callable[[], None] | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
+        *,
+        flight: Flight | None = None,
     ) -> Answer:
         """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent,
-        ``on_retry`` with the error of each failed attempt that will be retried. Every response's tokens and cost are
-        added to ``usage`` as it arrives (an answer from the cache adds nothing).
+        ``on_retry`` with the error of each failed attempt that will be retried; ``flight``: how the question may be
+        stopped (see :class:`Flight`; the caller of ``ask`` enters its ``scope``). Every response's tokens and cost
+        are added to ``usage`` as it arrives (an answer from the cache adds nothing).
 
         Raises:
-            AskError: wrapping the polytask error the question ended with, and the attempts made.
+            AskError: wrapping the polytask error the question ended with, and the attempts made:
+                :class:`~polytask.RunStopped` when ``flight`` was stopped before a new attempt,
+                :class:`~polytask.RetryLaterError` for a 429 asking to wait past the policy's ``max_retry_after``.
         """
+        flight = flight or Flight()
         attempts = 0
         reasked = False
         key = self.cache_key(task, messages)
@@ -179,14 +236,15 @@ class Caller:
                 on_attempt()
 
         try:
-            response = await self._call(task, messages, usage, count, label, on_retry)
+            response = await self._call(task, messages, usage, count, label, on_retry, flight)
             try:
                 value = task.parse(response.content or "")
             except ValidationError as error:
+                flight.check(f"not re-asked after an invalid answer ({_short(error)})", error)
                 reasked = True
                 self.stats.reasks += 1
                 again = reask_messages(messages, response.content or "", _short(error))
-                response = await self._call(task, again, usage, count, label, on_retry)
+                response = await self._call(task, again, usage, count, label, on_retry, flight)
                 try:
                     value = task.parse(response.content or "")
                 except ValidationError as error2:
@@ -207,7 +265,9 @@ class Caller:
         count: Callable[[], None],
         label: str,
         retrying: Callable[[BaseException], None] | None = None,
+        flight: Flight | None = None,
     ) -> ChatResponse:
+        flight = flight or Flight()
         raw = self.estimator.raw(messages)
         budget = self.budget(task)
         full = False  # after a cut-off under a learned cap, ask with the task's whole max_tokens
@@ -242,14 +302,21 @@ class Caller:
                 hold = self._reserve(req)  # before the rate limiter: a call over budget takes no TPM budget
                 try:
                     reservation = await self.limiter.acquire(req.reserved_tokens) if self.limiter else None
+                    flight.check("not sent")  # the last moment before the request goes out
                     count()
                     self.stats.requests += 1
                     usage.requests += 1
+                    flight.sending = True
                     try:
                         response = await self.backend.complete(req)
                     except BaseException as error:
                         self._failed(error, probe)
+                        later = self._retry_later(error)
+                        if later is not None:
+                            raise later from error
                         raise
+                    finally:
+                        flight.sending = False
                 except BaseException:
                     if hold is not None and self.spending is not None:
                         self.spending.release(hold)  # no response, no usage: nothing to pay
@@ -273,6 +340,7 @@ class Caller:
             self.estimator.observe(raw, response.prompt_tokens)
             if response.finish_reason == "length":
                 if req.max_tokens < task.max_tokens:
+                    flight.check(f"not asked again in full after an answer cut off at max_tokens={req.max_tokens}")
                     full = True  # the learned cap was too small for this answer: not the answer's fault
                     return await attempt()
                 after = f"after {response.completion_tokens} tokens " if response.completion_tokens else ""
@@ -283,6 +351,7 @@ class Caller:
             return response
 
         def on_retry(error: BaseException, wait: float) -> None:
+            flight.check(f"not retried after {type(error).__name__} ({error})", error)  # nor waits for the backoff
             self.stats.retries += 1
             logger.debug("retrying %s/%s in %.2fs after %s: %s", label, task.name, wait, type(error).__name__, error)
             if retrying is not None:
@@ -327,7 +396,7 @@ class Caller:
             if isinstance(error, QuotaExceededError):
                 return
             if error.retry_after and self.limiter is not None and error.retry_after <= self.retry.max_retry_after:
-                self.limiter.pause(error.retry_after)  # a longer one is not waited: the call fails, the others go on
+                self.limiter.pause(error.retry_after)  # a longer one is not waited: it stops the run (_retry_later)
             known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()
@@ -342,3 +411,30 @@ class Caller:
             self.breaker.on_success()  # a 4xx answer: the server is up
         else:
             self.breaker.on_other(probe)
+
+    def _retry_later(self, error: BaseException) -> RetryLaterError | None:
+        """``error`` as the :class:`~polytask.RetryLaterError` that stops the run when it is a 429 asking to wait
+        longer than the policy's ``max_retry_after`` (the wait is dated by ``wall_clock`` now, as it arrives); else
+        None."""
+        if not isinstance(error, RateLimitError) or isinstance(error, QuotaExceededError | RetryLaterError):
+            return None
+        wait, most = error.retry_after, self.retry.max_retry_after
+        if wait is None or wait <= most:
+            return None
+        resume_at: datetime | None = None
+        when = "it gave no time to resume"
+        with contextlib.suppress(OverflowError, OSError, ValueError):  # a wait too long to be a date
+            resume_at = datetime.fromtimestamp(self.wall_clock() + wait, UTC)
+            shown = resume_at.replace(second=0, microsecond=0)
+            shown += timedelta(minutes=1) if shown != resume_at else timedelta()  # rounded up: never too early
+            when = f"resume after {shown:%Y-%m-%d %H:%M} UTC (rerun the same command)"
+        said = str(error).removeprefix(f"HTTP {error.status_code}: ")[:300]
+        return RetryLaterError(
+            f"the server asks to wait {wait:.0f} s (Retry-After), longer than max_retry_after={most:g} s: the run "
+            f"stopped; {when}. The server said: {said}",
+            status_code=error.status_code,
+            code=error.code,
+            request_id=error.request_id,
+            retry_after=wait,
+            resume_at=resume_at,
+        )

@@ -23,7 +23,8 @@ most specific first, so callers never catch a third-party exception type::
     │   │   ├── NotFoundError             404                                      (never retried)
     │   │   ├── UnprocessableEntityError  422                                      (never retried)
     │   │   ├── RateLimitError            429; ``retry_after`` seconds             (retried)
-    │   │   │   └── QuotaExceededError    429 ``insufficient_quota``: stops the run (never retried)
+    │   │   │   ├── QuotaExceededError    429 ``insufficient_quota``: stops the run (never retried)
+    │   │   │   └── RetryLaterError       429 asking to wait past ``max_retry_after``: stops the run
     │   │   └── ServerError               408, 409, 5xx                            (retried)
     │   └── MalformedResponseError  a 200 whose body is not a chat completion       (retried)
     └── AnswerError                 an answer arrived but cannot be used
@@ -41,6 +42,7 @@ False for any exception that is not a :class:`PolytaskError`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "RateLimitError",
     "RefusalError",
     "RequestTooLargeError",
+    "RetryLaterError",
     "RunStopped",
     "ServerDownError",
     "ServerError",
@@ -293,6 +296,36 @@ class QuotaExceededError(RateLimitError):
 
     retryable = False
     fatal_to_run = True
+
+
+class RetryLaterError(RateLimitError):
+    """429 whose Retry-After is longer than the retry policy's ``max_retry_after`` (a daily quota spent): no call
+    could succeed before then, so the run stops instead of every call meeting the same 429 in turn; rerun after
+    ``resume_at``. Raised by the caller (which knows the policy) from the server's :class:`RateLimitError`, its
+    ``__cause__``.
+
+    Attributes:
+        retry_after: seconds the server asked to wait.
+        resume_at: when that wait ends, in UTC (the wall clock when the 429 arrived + ``retry_after``), or None when
+            the wait is too long to be a date.
+    """
+
+    retryable = False
+    fatal_to_run = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 429,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float,
+        resume_at: datetime | None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, code=code, request_id=request_id, retry_after=retry_after)
+        self.retry_after: float = retry_after
+        self.resume_at = resume_at
 
 
 class ServerError(APIStatusError):

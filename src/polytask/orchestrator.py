@@ -9,10 +9,14 @@ One run ("job") is a producer and ``max_concurrency`` workers in an anyio task g
   validated answer or a typed error;
 - the worker that completes a document's last pair merges it and emits it.
 
-A 429 ``insufficient_quota``, a 401, a closed backend, a server that failed everything for ``max_outage`` seconds,
-or a call that could take the run past its ``budget`` (USD) stops the run: queued pairs, and calls still waiting (a
-retry's backoff, the rate limiter) or in flight, end ``RunStopped`` at once; every document already taken in is
-emitted (partial), and then the error is raised. Nothing that was done is lost.
+A 429 ``insufficient_quota``, a 429 asking to wait past the retry policy's ``max_retry_after`` (a daily quota), a
+401, a closed backend, a server that failed everything for ``max_outage`` seconds, or a call that could take the
+run past its ``budget`` (USD) stops the run: queued pairs, and
+calls still waiting (the circuit breaker, a concurrency slot, the rate limiter, a retry's backoff), end ``RunStopped``
+at once; calls in flight at the server are let finish, since their answers are paid for: a valid answer is kept (and
+cached), but nothing new is sent for them (no retry, no re-ask, no re-send of a cut-off answer: ``RunStopped``).
+Every document already taken in is then emitted (partial where a pair did not finish), and the error is raised.
+Nothing that was done, or paid for, is lost. Cancellation from outside (Ctrl-C) still ends calls in flight at once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._caller import AskError, Caller, CallStats
+from ._caller import AskError, Caller, CallStats, Flight
 from ._checks import check_count, check_positive
 from ._estimates import PromptEstimator, cached_tiktoken_counter
 from ._prompts import build_messages, neighbours
@@ -111,15 +115,17 @@ class _Job:
     fatal: BaseException | None = None
     input_error: Exception | None = None  # a bad document, or what reading / segmenting the input raised
     stop_reading: bool = False
-    calls: set[anyio.CancelScope] = field(default_factory=set)  # the pairs' calls still running
+    calls: set[Flight] = field(default_factory=set)  # the pairs' calls still running
 
     def stop(self, error: BaseException) -> None:
-        """No later call could succeed (``error``): read no more, and end every call still waiting or in flight
-        (in a retry's backoff, on the rate limiter, on the server); their pairs end ``RunStopped``."""
+        """No later call could succeed (``error``): read no more, end every call still waiting (in a retry's backoff,
+        on the rate limiter, …) at once, and let calls at the server finish with nothing new sent for them (see
+        :class:`~polytask._caller.Flight`); pairs not answered end ``RunStopped``."""
         self.fatal = self.fatal or error
         self.stop_reading = True
-        for scope in self.calls:
-            scope.cancel()
+        why = type(self.fatal).__name__
+        for flight in self.calls:
+            flight.stop(why)
 
 
 def _coerce(item: Any, position: int) -> Document:
@@ -397,10 +403,11 @@ class Orchestrator:
             :class:`DocumentResult`, one per input document.
 
         Raises:
-            QuotaExceededError, AuthenticationError, BackendClosedError, ServerDownError: no later call could
-                succeed (``insufficient_quota``, a 401, a closed backend, a server down for ``max_outage``), so the
-                run stops: raised after yielding every document taken in (their unfinished pairs end ``RunStopped``
-                at once, also those waiting out a retry's backoff).
+            QuotaExceededError, RetryLaterError, AuthenticationError, BackendClosedError, ServerDownError: no later
+                call could succeed (``insufficient_quota``, a 429 asking to wait past ``max_retry_after``, a 401, a
+                closed backend, a server down for ``max_outage``), so the run stops: raised after yielding every
+                document taken in (their pairs still waiting end ``RunStopped`` at once, also those waiting out a
+                retry's backoff; calls at the server are let finish and their answers kept, with nothing new sent).
             BudgetExceededError: the next call could take the run past its ``budget``; the run stops the same way.
             InputError: a document is not of an accepted shape; raised after the documents before it are yielded.
             Exception: whatever iterating ``documents`` (or the segmenter) raised, likewise after the documents
@@ -644,15 +651,16 @@ class Orchestrator:
             self._check_outage(error, job)
 
         try:
-            with anyio.CancelScope() as scope:
-                job.calls.add(scope)
+            flight = Flight()
+            with flight.scope:
+                job.calls.add(flight)
                 try:
                     answer = await self.caller.ask(
-                        task, messages, usage, state.document.id, on_attempt=count, on_retry=outage
+                        task, messages, usage, state.document.id, on_attempt=count, on_retry=outage, flight=flight
                     )
                 finally:
-                    job.calls.discard(scope)
-            if scope.cancelled_caught:  # the run stopped while this call was waiting or in flight
+                    job.calls.discard(flight)
+            if flight.scope.cancelled_caught:  # the run stopped while this call was waiting
                 stopped = RunStopped(f"not completed: the run stopped ({type(job.fatal).__name__})")
                 return self._failed(pair, stopped, attempts)
             value = task.postprocess(state.document.text, sentence, answer.value)

@@ -10,8 +10,8 @@ requests larger than the TPM limit, and cancellation (tenacity only sees ``Excep
 Backoff after attempt *n* (1-based): ``min(wait_max, wait_initial · wait_exp_base^(n-1)) + U(0, wait_jitter)``
 seconds, then raised to the server's ``retry_after`` if that is longer (the scheme of tenacity's
 ``wait_exponential_jitter`` and stamina). A call is not retried when the server asks for more than
-``max_retry_after`` seconds, nor when the wait would end past the policy's ``timeout``; an attempt still running at
-the ``timeout`` is cancelled.
+``max_retry_after`` seconds (such a 429 stops a run: :class:`~polytask.RetryLaterError`), nor when the wait would
+end past the policy's ``timeout``; an attempt still running at the ``timeout`` is cancelled.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class RetryPolicy(BaseModel):
             retry whose wait would end past it, and an attempt still running then is cancelled
             (:class:`~polytask.APITimeoutError`).
         max_retry_after: the longest server-requested wait (Retry-After) honoured, seconds (default 300); a call
-            the server asks to wait longer fails with its error instead (a daily quota, a misconfigured server).
+            the server asks to wait longer is not retried: it fails with its error (a misconfigured server), and
+            in a run a 429 asking that (a daily quota) stops the run (:class:`~polytask.RetryLaterError`, raised
+            by the caller) instead of every later call meeting it in turn.
         wait_initial: the first backoff, seconds (default 0.25).
         wait_max: the largest backoff before jitter, seconds (default 30).
         wait_exp_base: growth factor per attempt (default 2).

@@ -84,6 +84,10 @@ class SimulatorConfig(BaseModel):
             ``response_format`` (as vLLM / older servers do); ``json_object`` still works.
         max_concurrency: a hidden cap: a completion arriving while this many are in flight gets a 503 with no
             rate-limit headers. None = no cap.
+        daily_quota: completion requests let through before a daily quota is spent (it never refills): every later
+            one gets a 429 ``rate_limit_exceeded`` on requests per day (RPD) asking to wait
+            ``daily_quota_retry_after``. None = no daily quota.
+        daily_quota_retry_after: seconds a spent ``daily_quota`` asks the client to wait (``retry-after``).
         gold_path: a gold JSON Lines file for oracle answers (see :mod:`polytask.testing.oracle`), or None.
     """
 
@@ -101,6 +105,8 @@ class SimulatorConfig(BaseModel):
     default_max_tokens: int = Field(default=4096, gt=0)
     supports_json_schema: bool = True
     max_concurrency: int | None = Field(default=None, gt=0)
+    daily_quota: int | None = Field(default=None, ge=0)
+    daily_quota_retry_after: float = Field(default=86_400.0, ge=0)
     gold_path: Path | None = None
 
 
@@ -110,7 +116,8 @@ class SimulatorStats(BaseModel):
     Attributes:
         received: completion requests received.
         outcomes: count per outcome: ``"ok"``, ``"rate_limited"`` (429 from the buckets), ``"over_capacity"``
-            (503 from ``max_concurrency``), ``"bad_request"`` (400), and each fault name.
+            (503 from ``max_concurrency``), ``"daily_quota"`` (429 once ``daily_quota`` is spent), ``"bad_request"``
+            (400), and each fault name.
         in_flight: completion requests being handled now.
         max_in_flight: the most ever handled at once.
     """

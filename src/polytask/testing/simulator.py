@@ -10,8 +10,9 @@ Endpoints (each also without the ``/v1`` prefix):
 * ``GET /stats`` — :class:`SimulatorStats` as JSON.
 
 Order of checks for a completion: body validation (400), the hidden concurrency cap (503, no rate-limit
-headers), an injected fault is drawn (injected 429s answer at once), the RPM/TPM buckets (429
-``rate_limit_exceeded``; the call is charged when admitted), latency, then the answer or the drawn fault.
+headers), a spent daily quota (429 with a day-long ``retry-after``), an injected fault is drawn (injected 429s
+answer at once), the RPM/TPM buckets (429 ``rate_limit_exceeded``; the call is charged when admitted), latency, then
+the answer or the drawn fault.
 
 Start it with :class:`Simulator` (async), :func:`run_in_thread` (any code) or :func:`serve` (blocking, for a
 CLI).
@@ -37,7 +38,7 @@ from .._prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from ..chat import Message
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer
-from .ratelimit import Clock, ServerRateLimiter
+from .ratelimit import Clock, ServerRateLimiter, format_duration
 from .schema_fill import answer_rng, fill_schema, violate_schema
 
 __all__ = [
@@ -103,6 +104,7 @@ class Simulator:
         self.base_url: str | None = None
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(self.config.seed + 1)
+        self._answered_today = 0  # completions counted against ``daily_quota``
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
 
@@ -210,6 +212,17 @@ class Simulator:
                         return schema
         return None
 
+    def _daily_quota_spent(self, model: str) -> web.Response:
+        """The 429 of a spent ``daily_quota``, as OpenAI words a requests-per-day limit."""
+        limit, wait = self.config.daily_quota, self.config.daily_quota_retry_after
+        headers = {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))}
+        message = (
+            f"Rate limit reached for {model} on requests per day (RPD): Limit {limit}, Used {limit}, Requested 1. "
+            f"Please try again in {format_duration(wait)}. Visit https://platform.openai.com/account/rate-limits to "
+            "learn more."
+        )
+        return _error(429, message, "requests", "rate_limit_exceeded", headers=headers)
+
     async def _handle(self, request: web.Request, drawn: list[str]) -> tuple[str, web.StreamResponse]:
         cfg = self.config
         try:
@@ -239,6 +252,11 @@ class Simulator:
 
         if cfg.max_concurrency is not None and self.stats.in_flight > cfg.max_concurrency:
             return "over_capacity", _error(503, "The server is overloaded. Please try again later.", "server_error")
+
+        if cfg.daily_quota is not None:
+            if self._answered_today >= cfg.daily_quota:
+                return "daily_quota", self._daily_quota_spent(model)
+            self._answered_today += 1
 
         fault = self._draw_fault()
         if fault is not None:
