@@ -4,23 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import polytask as pt
+from cli_helpers import own_cache_dir, run_cli, runner, summary_value  # noqa: F401 (the fixture)
 from polytask.cli import app, parse_task
 
 DATA = Path(__file__).parent / "data"
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    """Each test's runs share a request cache of their own (the CLI caches by default)."""
-    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path / "polytask-cache"))
-
-
-def run_cli(*args):
-    return runner.invoke(app, ["run", *map(str, args), "--no-progress"], catch_exceptions=False)
 
 
 def partial_records(path):
@@ -427,12 +416,6 @@ def test_a_line_cut_off_mid_string_is_named_as_such_whatever_its_line_ending(tmp
         "line 2: invalid JSON: Untermin",
         "line 3: invalid JSON: Untermin",
     ]
-
-
-def summary_value(output: str, name: str) -> str:
-    """The value cell of the summary table's row ``name``."""
-    (line,) = [line for line in output.splitlines() if f"│ {name} " in line]
-    return line.split("│")[2].strip()
 
 
 def test_the_same_command_twice_pays_once_and_writes_the_same_lines(tmp_path):

@@ -4,27 +4,8 @@ every output record — in-process against the built-in simulator, whose model g
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from polytask.cli import app
-
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    """Each test's runs share a request cache of their own (the CLI caches by default)."""
-    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path / "polytask-cache"))
-
-
-def run_cli(*args):
-    return runner.invoke(app, ["run", *map(str, args), "--no-progress"], catch_exceptions=False)
-
-
-def summary_value(output: str, name: str) -> str:
-    """The value cell of the summary table's row ``name``."""
-    (line,) = [line for line in output.splitlines() if f"│ {name} " in line]
-    return line.split("│")[2].strip()
+from cli_helpers import own_cache_dir, run_cli, runner, summary_value  # noqa: F401 (the fixture)
 
 
 def dollars(text: str) -> float:

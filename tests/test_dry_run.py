@@ -4,23 +4,15 @@ on the example job, nothing sent, nothing written, and what the cache already ho
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import polytask as pt
+from cli_helpers import own_cache_dir, run_cli, runner, summary_value  # noqa: F401 (the fixture)
 from polytask.cli import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path / "polytask-cache"))
-
-
-def value(output: str, name: str) -> str:
-    (line,) = [line for line in output.splitlines() if f"│ {name} " in line]
-    return line.split("│")[2].strip()
+value = summary_value
 
 
 def number(text: str) -> int:
@@ -72,7 +64,7 @@ def test_a_dry_run_prices_the_calls_it_would_make():
     assert plan.cost == pytest.approx((2.0 * plan.prompt_tokens + 10.0 * plan.completion_tokens) / 1e6)
     unknown = pt.Orchestrator(backend, [pt.Sentiment()]).dry_run(["One."])
     assert unknown.cost is None  # never $0 for prices nobody knows
-    out = CliRunner().invoke(
+    out = runner.invoke(
         app, ["run", str(EXAMPLES / "quickstart.jsonl"), "-o", "x.jsonl", "--simulate", "--dry-run",
               "--price-in", "0.15", "--price-out", "0.6"], catch_exceptions=False,
     )  # fmt: skip

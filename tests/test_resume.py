@@ -3,29 +3,11 @@ twice for what was finished, with one line per input line in input order (issue 
 
 import json
 
-import pytest
-from typer.testing import CliRunner
-
 import polytask as pt
+from cli_helpers import own_cache_dir, run_cli, runner, summary_value  # noqa: F401 (the fixture)
 from polytask.backends.function import FunctionBackend
 from polytask.cli import app
 from polytask.cli._journal import Journal, redo
-
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("POLYTASK_CACHE_DIR", str(tmp_path / "polytask-cache"))
-
-
-def run_cli(*args):
-    return runner.invoke(app, ["run", *map(str, args), "--no-progress"], catch_exceptions=False)
-
-
-def summary_value(output: str, name: str) -> str:
-    (line,) = [line for line in output.splitlines() if f"│ {name} " in line]
-    return line.split("│")[2].strip()
 
 
 def sentiment_of(request):
