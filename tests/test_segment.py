@@ -270,3 +270,28 @@ def test_linear_time_on_a_long_document() -> None:
     sentences = segment(text)
     check_invariants(text, sentences, 1000)
     assert len(segment("a" * 200_000, max_chars=1000)) == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("“你好吗？”他问道。我很好。", ["“你好吗？”他问道。", "我很好。"]),  # the attribution belongs to the quote
+        ("“太好了！”她笑着说。他们走了。", ["“太好了！”她笑着说。", "他们走了。"]),
+        ("“走吧。”他说，“快点。”", ["“走吧。”他说，“快点。”"]),
+        ("他说：“我们走吧。”然后他离开了。", ["他说：“我们走吧。”", "然后他离开了。"]),  # no verb of saying
+        ("“这是真的。”这句话很有名。", ["“这是真的。”", "这句话很有名。"]),
+        ("「行かないの？」と彼は聞いた。私は行く。", ["「行かないの？」と彼は聞いた。", "私は行く。"]),
+    ],
+)
+def test_chinese_quoted_speech_keeps_its_attribution(text: str, expected: list[str]) -> None:
+    assert [s.text for s in segment(text)] == expected
+
+
+def test_your_own_abbreviations_never_end_a_sentence() -> None:
+    text = "See Abs. twelve. Then Ref. 3 and Tab. four."
+    assert [s.text for s in segment(text)] == ["See Abs.", "twelve.", "Then Ref.", "3 and Tab.", "four."]
+    own = segment(text, abbreviations=["abs", "Ref.", " TAB "])
+    assert [s.text for s in own] == ["See Abs. twelve.", "Then Ref. 3 and Tab. four."]
+    assert [s.text for s in segment("One Abs. two.", abbreviations="Abs")] == ["One Abs. two."]  # one, not letters
+    with pytest.raises(ConfigurationError, match="abbreviations must be strings"):
+        segment("x", abbreviations=[3])  # type: ignore[list-item]

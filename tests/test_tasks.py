@@ -324,3 +324,18 @@ def test_a_dict_example_is_checked_and_kept_as_the_model():
 def test_task_name_validated(name):
     with pytest.raises(ConfigurationError):
         Task(name, SentimentAnswer, "x")
+
+
+def test_align_meets_nfc_text_and_nfd_entities_and_the_reverse():
+    import unicodedata
+
+    nfc = "Wir fahren nach München, dann nach Zürich."
+    nfd = unicodedata.normalize("NFD", nfc)
+    for text, mentions in ((nfc, ["München", "Zürich"]), (nfd, ["München", "Zürich"])):
+        for form in ("NFC", "NFD"):
+            spans = align_mentions(text, [unicodedata.normalize(form, m) for m in mentions])
+            got = [text[s.start : s.end] for s in spans]
+            # the whole name in the text's own form: the combining marks included, nothing cut in half
+            assert got == [unicodedata.normalize("NFD" if text is nfd else "NFC", m) for m in mentions], (form, got)
+    (span,) = align_mentions(nfd, ["Zu\u0308rich"[:2]])  # "Zu": a prefix of Zürich's letters, not of its text
+    assert span.start is None or nfd[span.start : span.end] != "Zu"

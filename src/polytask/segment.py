@@ -13,6 +13,7 @@ sign-offs), not a memory of those documents.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .documents import Sentence
 from .exceptions import ConfigurationError
@@ -57,6 +58,13 @@ _NEXT_WORD_RE = re.compile(r"[^\s]+")
 # Where an over-long sentence may be cut: CJK clause marks anywhere, ASCII ones before whitespace.
 _SOFT_PUNCT_RE = re.compile(r"[、，；：︰﹔﹕]|[;:,](?=\s)")
 _SPACES_RE = re.compile(r"\s+")
+# Chinese quoted speech followed by its attribution ("“你好吗？”他问道。"): the clause after the closing quote, up
+# to the next clause or sentence mark, is short and has a verb of saying in it. Then the quote does not end the
+# sentence: the attribution belongs to it (the convention of Chinese treebanks; Japanese marks it with と instead).
+_ATTRIBUTION_RE = re.compile(
+    r"[^。！？，,；;：:“”「」『』\n]{0,10}?(?:说|問|问|道|答|喊|叫|嚷|吼|笑|叹|称|表示|指出|回答|写道|告诉)"
+    r"[^。！？“”「」『』\n]{0,12}?[。！？，,]"
+)
 _LIST_MARKER_RE = re.compile(r"(?:[-*•·‣◦▪–—]|\d{1,3}[.)]|[A-Za-z][.)]|\(\w{1,3}\))\s")
 
 # Abbreviations that are followed by a name and never end a sentence.
@@ -109,8 +117,9 @@ def _cjk(ch: str) -> bool:
     return _CJK_RE.match(ch) is not None
 
 
-def _is_boundary(text: str, start: int, end: int, seg_start: int) -> bool:
-    """Whether the terminator run ``text[start:end]`` ends a sentence (the boundary is at ``end``)."""
+def _is_boundary(text: str, start: int, end: int, seg_start: int, never_end: frozenset[str] = frozenset()) -> bool:
+    """Whether the terminator run ``text[start:end]`` ends a sentence (the boundary is at ``end``); ``never_end``:
+    the caller's own abbreviations (lowercase, without their final period)."""
     n = len(text)
     run = text[start:end]
     nxt_pos = _skip_space(text, end)
@@ -125,6 +134,8 @@ def _is_boundary(text: str, start: int, end: int, seg_start: int) -> bool:
     if _CJK_STOP_RE.search(run):
         if not spaced and run[-1] in '」』"”' and nxt in "とっのをがはにもやか":
             return False
+        if not spaced and run[-1] in "」』”" and _ATTRIBUTION_RE.match(text, nxt_pos):
+            return False  # "“你好吗？”他问道。": the attribution is part of the sentence
         return True
     if run[0] == "．" and not (prev.isdigit() and nxt.isdigit()):
         return True
@@ -168,7 +179,7 @@ def _is_boundary(text: str, start: int, end: int, seg_start: int) -> bool:
     opener = after_low in _OPENERS
     if low in _TITLES:
         return False
-    if low in _NEVER_END:
+    if low in _NEVER_END or low in never_end:
         return False
     if low in _BEFORE_NUMBER and (nxt.isdigit() or nxt in "#"):
         return False
@@ -240,7 +251,7 @@ def _web_boundary(text: str, m: re.Match[str], seg_start: int) -> bool:
     return nxt.isupper() and _skip_space(text, seg_start) >= m.start()
 
 
-def _boundaries(text: str) -> list[int]:
+def _boundaries(text: str, never_end: frozenset[str] = frozenset()) -> list[int]:
     """End offsets (exclusive) of sentences, before whitespace trimming, in increasing order."""
     ends: list[int] = []
     seg_start = 0
@@ -253,7 +264,7 @@ def _boundaries(text: str) -> list[int]:
         elif text[start] == "\n":
             ok = _newline_is_boundary(text, start, seg_start)
         else:
-            ok = _is_boundary(text, start, end, seg_start)
+            ok = _is_boundary(text, start, end, seg_start, never_end)
         if ok:
             ends.append(end)
             seg_start = _skip_space(text, end)  # candidates inside the whitespace that follows are moot
@@ -290,7 +301,7 @@ def _split_long(text: str, start: int, end: int, max_chars: int) -> list[tuple[i
     return pieces
 
 
-def segment(text: str, *, max_chars: int = 1000) -> list[Sentence]:
+def segment(text: str, *, max_chars: int = 1000, abbreviations: Iterable[str] = ()) -> list[Sentence]:
     """Split ``text`` into sentences with exact character offsets.
 
     Args:
@@ -299,6 +310,9 @@ def segment(text: str, *, max_chars: int = 1000) -> list[Sentence]:
             after the last clause mark (``、 ， ； ：`` anywhere, ``; : ,`` before a space) in the second half
             of the ``max_chars`` window, else at the last whitespace there, else the same in the first
             half, else hard at the limit; so every piece has at most ``max_chars`` characters.
+        abbreviations: your own abbreviations, which a period never ends a sentence after (``"approx"``,
+            ``"Abs."``, ``"Ref"``: case-insensitive, the final period optional), added to the built-in ones. To
+            use them in a run: ``Orchestrator(..., segmenter=functools.partial(pt.segment, abbreviations=[...]))``.
 
     Returns:
         ``Sentence(index, start, end, text)`` in document order, ``index`` 0..n-1, with
@@ -307,18 +321,18 @@ def segment(text: str, *, max_chars: int = 1000) -> list[Sentence]:
         non-whitespace character of ``text`` exactly once.
 
     Raises:
-        ConfigurationError: ``max_chars`` is below 1.
+        ConfigurationError: ``max_chars`` is below 1, or an abbreviation is not a string.
 
     Rules (this module's own, tuned on the UD_English-EWT and UD_Chinese-GSDSimp dev splits):
     ``. ! ?`` followed by whitespace end a sentence unless the word before is an abbreviation (titles
     such as "Dr.", "e.g.", "No. 5", "U.S." before a lowercase word, initials such as "J. Smith") or a
     list number; ``. !`` inside numbers, URLs and e-mail addresses never do; ``。！？`` (and fullwidth
     ``．``) end a sentence with no space needed; closing quotes and brackets after a terminator stay with
-    its sentence; ``…`` and ``...`` end one unless a lowercase word follows; in web text ``.`` after an
-    ordinary word ends one even before a lowercase word, as do an emoticon and a greeting / sign-off
-    ("Best regards,") opening a line; a blank line always ends one, a single line break does before a
-    list item, or when the line is shorter than hard wrapping would leave it, or before a sentence
-    opener ("I", "The", "Thanks" ...).
+    its sentence, and so does a short attribution after a Chinese quote ("“你好吗？”他问道。"); ``…`` and
+    ``...`` end one unless a lowercase word follows; in web text ``.`` after an ordinary word ends one even
+    before a lowercase word, as do an emoticon and a greeting / sign-off ("Best regards,") opening a line; a
+    blank line always ends one, a single line break does before a list item, or when the line is shorter than
+    hard wrapping would leave it, or before a sentence opener ("I", "The", "Thanks" ...).
 
     Measured (``benchmarks/segment_f1.py``): boundary F1 0.86 on UD_English-EWT dev web text (pysbd
     0.80), 0.996 on UD_Chinese-GSDSimp dev (pysbd 0.99); about 2-5 million characters per second
@@ -326,9 +340,14 @@ def segment(text: str, *, max_chars: int = 1000) -> list[Sentence]:
     """
     if max_chars < 1:
         raise ConfigurationError(f"max_chars must be at least 1, got {max_chars}")
+    if isinstance(abbreviations, str):
+        abbreviations = [abbreviations]  # one abbreviation, not its letters
+    if not all(isinstance(a, str) for a in abbreviations):
+        raise ConfigurationError("abbreviations must be strings, such as ['approx', 'Abs.']")
+    own = frozenset(a.strip().lower().removesuffix(".") for a in abbreviations if a.strip())
     sentences: list[Sentence] = []
     prev = 0
-    for cut in _boundaries(text):
+    for cut in _boundaries(text, own):
         s, e = prev, cut
         prev = cut
         while s < e and text[s].isspace():

@@ -3,8 +3,8 @@
 Rules, in order, for each entity (in the model's order):
 
 1. exact match of the entity text;
-2. a match after Unicode NFKC normalization, case folding and whitespace collapsing, mapped back to the
-   original offsets;
+2. a match after Unicode NFKC normalization (a character with its combining marks, so NFC and NFD text meet),
+   case folding and whitespace collapsing, mapped back to the original offsets;
 
 Repeated mentions of the same text take successive occurrences left to right, preferring an occurrence that does
 not overlap a mention aligned before it (so "New Orleans" after "New Orleans Habitat" lands on its own occurrence,
@@ -37,21 +37,33 @@ class Alignment:
     match: Literal["exact", "normalized"] | None
 
 
-def _normalize(text: str) -> tuple[str, list[int]]:
-    """Normalized text and, for each of its characters, the index of the source character it came from."""
+def _normalize(text: str) -> tuple[str, list[int], list[int]]:
+    """Normalized text and, for each of its characters, the source span ``[start, end)`` it came from.
+
+    A character and the combining marks after it are normalized together (NFKC composes "u" + U+0308 into "ü", so
+    text and entity meet whichever of NFC / NFD each is in), then case-folded; runs of whitespace become one space.
+    """
     out: list[str] = []
-    index: list[int] = []
-    for i, ch in enumerate(text):
-        if ch.isspace():
-            if out and out[-1] == " ":
-                continue
-            out.append(" ")
-            index.append(i)
+    starts: list[int] = []
+    ends: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            if not (out and out[-1] == " "):
+                out.append(" ")
+                starts.append(i)
+                ends.append(i + 1)
+            i += 1
             continue
-        for n in unicodedata.normalize("NFKC", ch).casefold():
-            out.append(n)
-            index.append(i)
-    return "".join(out), index
+        j = i + 1
+        while j < n and unicodedata.combining(text[j]):
+            j += 1
+        for ch in unicodedata.normalize("NFKC", text[i:j]).casefold():
+            out.append(ch)
+            starts.append(i)
+            ends.append(j)
+        i = j
+    return "".join(out), starts, ends
 
 
 def _spaced(ch: str) -> bool:
@@ -84,16 +96,28 @@ def _on_word_boundaries(haystack: str, at: int, end: int) -> bool:
     return not (before or after)
 
 
+def _cuts_a_character(haystack: str, at: int, end: int) -> bool:
+    """Whether ``haystack[at:end]`` starts or ends between a character and its combining marks."""
+    return bool(unicodedata.combining(haystack[at])) or (
+        end < len(haystack) and bool(unicodedata.combining(haystack[end]))
+    )
+
+
 def _find(haystack: str, needle: str, start: int, taken: list[tuple[int, int]], needed: int = 1) -> int:
     """Where the next of ``needed`` mentions of ``needle`` lies, at or after ``start``: the first occurrence that
     overlaps no span in ``taken`` and lies on word boundaries, if there are enough such occurrences for all
     ``needed`` mentions ("Merkel" twice in "Merkels Politik … Merkel blieb" keeps both, the first inside "Merkels");
     else the first that overlaps nothing; else the first at all; -1 when there is none."""
-    first = at = haystack.find(needle, start)
+    at = haystack.find(needle, start)
+    while at >= 0 and _cuts_a_character(haystack, at, at + len(needle)):
+        at = haystack.find(needle, at + 1)
+    first = at
     free: list[int] = []
     bounded: list[int] = []
     while at >= 0:
-        if all(at >= e or at + len(needle) <= s for s, e in taken):
+        if _cuts_a_character(haystack, at, at + len(needle)):
+            pass  # "Zu" inside "Zu\u0308rich": half of "ü" is not a name
+        elif all(at >= e or at + len(needle) <= s for s, e in taken):
             free.append(at)
             if _on_word_boundaries(haystack, at, at + len(needle)):
                 bounded.append(at)
@@ -113,7 +137,7 @@ def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
     Returns:
         One :class:`Alignment` per mention, in the same order; offsets are ``str`` indices into ``sentence``.
     """
-    norm_sentence: tuple[str, list[int]] | None = None
+    norm_sentence: tuple[str, list[int], list[int]] | None = None
     exact_cursor: dict[str, int] = {}
     norm_cursor: dict[str, int] = {}
     out: list[Alignment] = []
@@ -133,17 +157,17 @@ def align_mentions(sentence: str, mentions: Sequence[str]) -> list[Alignment]:
             continue
         if norm_sentence is None:
             norm_sentence = _normalize(sentence)
-        haystack, index = norm_sentence
+        haystack, starts, ends = norm_sentence
         needle = _normalize(text)[0].strip()
-        norm_taken = [(index.index(s), index.index(e - 1) + 1) for s, e in taken if s in index and e - 1 in index]
+        norm_taken = [(bisect.bisect_left(starts, s), bisect.bisect_right(ends, e)) for s, e in taken]
         # continue after the exact occurrences of the same text already taken
-        cursor = max(norm_cursor.get(needle, 0), bisect.bisect_left(index, exact_cursor.get(text, 0)))
+        cursor = max(norm_cursor.get(needle, 0), bisect.bisect_left(starts, exact_cursor.get(text, 0)))
         at = _find(haystack, needle, cursor, norm_taken) if needle else -1
         if at < 0:
             out.append(Alignment(None, None, None))
             continue
         norm_cursor[needle] = at + len(needle)
-        start, end = index[at], index[at + len(needle) - 1] + 1
+        start, end = starts[at], ends[at + len(needle) - 1]
         taken.append((start, end))
         out.append(Alignment(start, end, "normalized"))
     return out
