@@ -512,3 +512,74 @@ def test_a_spent_daily_quota_stops_the_run_says_when_to_resume_and_the_rerun_pay
     from_cache = int(summary_value(rerun.output, "answers from the cache"))
     assert from_cache + 2 * int(summary_value(rerun.output, "documents finished by an earlier run")) == 20
     assert summary_value(rerun.output, "requests").split()[0] == "180"
+
+
+def test_version_and_a_busy_port_say_one_line():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"polytask {pt.__version__}"
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["simulate", "--port", str(port)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"id": 1, "text": "One."}]\n', "holds a JSON array; polytask expects JSON Lines"),
+        ("id,text\n1,One.\n", "looks like CSV"),
+        ("id\ttext\n1\tOne.\n", "looks like TSV"),
+    ],
+)
+def test_an_input_that_is_plainly_not_json_lines_is_refused_before_the_run(tmp_path, content, message):
+    source, out = tmp_path / "in.data", tmp_path / "out.jsonl"
+    source.write_text(content)
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
+def test_an_empty_input_says_so(tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n\n")
+    result = run_cli(source, "-o", out, "--simulate", "-t", "sentiment")
+    assert result.exit_code == 0 and "holds no documents" in result.output and out.read_text() == ""
+
+
+def test_run_sync_inside_a_running_event_loop_says_to_await():
+    import asyncio
+
+    async def in_a_notebook():
+        pt.run_sync(pt.FunctionBackend(lambda request: {}), [pt.Sentiment()], ["One."])
+
+    with pytest.raises(RuntimeError, match=r"await orch\.run"):
+        asyncio.run(in_a_notebook())
+
+
+def test_the_bar_moves_with_pairs_and_fits_80_columns():
+    import io
+    import re
+
+    from rich.console import Console
+
+    import polytask.cli._progress as progress
+    from polytask.orchestrator import RunStats
+
+    now = [0.0]
+    stats = RunStats(requests=45_678, pairs_done=45_678, rate_limited=3)
+    console = Console(file=io.StringIO(), width=80, force_terminal=True)
+    real = progress.err
+    progress.err = console
+    try:
+        reporter = progress.Reporter(stats, total=318_000, bar=True, every=None, clock=lambda: now[0])
+    finally:
+        progress.err = real
+    now[0] = 100.0
+    reporter.update(12_345)
+    console.print(reporter.bar.get_renderable())
+    (line,) = [re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", x) for x in console.file.getvalue().splitlines() if x.strip()]
+    assert len(line) <= 80 and "12345/318000" in line and "45,678 pairs" in line and "…" not in line

@@ -21,6 +21,7 @@ Nothing that was done, or paid for, is lost. Cancellation from outside (Ctrl-C) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -725,10 +726,20 @@ def run_sync(
 
     A thin ``anyio.run`` wrapper (no nest_asyncio): call it where no event loop is running. ``options`` go to
     :class:`Orchestrator`. The backend is closed afterwards.
+
+    Raises:
+        RuntimeError: called inside a running asyncio event loop (Jupyter): use ``await orch.run(...)`` there.
     """
 
     async def main() -> list[DocumentResult]:
         async with Orchestrator(backend, tasks, **options) as orch:
             return await orch.run(documents)
 
-    return anyio.run(main)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # none running: the normal case
+        return anyio.run(main)
+    raise RuntimeError(
+        "run_sync cannot run inside a running event loop (Jupyter, an async web framework): there, use "
+        "`async with pt.Orchestrator(backend, tasks) as orch: results = await orch.run(documents)`"
+    )

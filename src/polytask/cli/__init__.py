@@ -19,6 +19,7 @@ from typing import Annotated
 import anyio
 import typer
 
+from .._version import __version__
 from ..backends.base import settings_of
 from ..cache import default_cache_path
 from ..exceptions import PolytaskError
@@ -34,6 +35,22 @@ from ._run import Progress, dry_run_table, write_file, write_stdout
 __all__ = ["app", "main", "parse_task"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run structured LLM tasks on every sentence.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"polytask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Run structured LLM tasks on every sentence."""
 
 
 @app.command()
@@ -194,6 +211,9 @@ def run(
         except PolytaskError as error:
             fail(str(error))
         source = Input(in_path, text_field, id_field)
+        problem = source.format_problem()
+        if problem is not None:
+            fail(problem)
         if dry_run:
             try:
                 plan = orch.dry_run(source.documents())
@@ -243,7 +263,10 @@ def simulate(
     """Serve the OpenAI-compatible simulator until Ctrl-C."""
     from ..testing import serve
 
-    serve(_options.simulator_config(rpm, tpm, latency, oracle, faults), host, port)
+    try:
+        serve(_options.simulator_config(rpm, tpm, latency, oracle, faults), host, port)
+    except OSError as error:  # a busy port, an address not on this machine
+        fail(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port (or --host)")
 
 
 def main() -> None:

@@ -41,6 +41,28 @@ class Input:
                 if raw.strip():
                     yield number, raw
 
+    def format_problem(self) -> str | None:
+        """What is wrong with the whole file, judged by its first line, when it is plainly not JSON Lines (a JSON
+        array, CSV / TSV); None when it may be (each line is checked as it is read). Standard input: None."""
+        if self.path is None or not self.path.is_file():
+            return None
+        first = next(self._lines(), None)
+        if first is None:
+            return None
+        line = first[1].decode("utf-8", "replace").strip()
+        expects = "polytask expects JSON Lines: one JSON object per line"
+        if line.startswith("["):
+            return f"{self.path} holds a JSON array; {expects} (convert it with: jq -c '.[]' {self.path})"
+        if not line.startswith("{") and ("," in line or "\t" in line):
+            try:
+                json.loads(line)
+            except ValueError:
+                kind = "TSV" if "\t" in line else "CSV"
+                return f"{self.path} looks like {kind} (line 1: {line[:60]!r}); {expects}, such as " + (
+                    '{"id": "1", "text": "..."}'
+                )
+        return None
+
     def count(self) -> int | None:
         """Documents in the file, or None when it can be read only once (a pipe)."""
         if self.path is None or not self.path.is_file():

@@ -16,7 +16,7 @@ from ..costs import format_usd
 from ..orchestrator import RunStats
 from ._exits import err
 
-__all__ = ["Reporter", "duration", "status"]
+__all__ = ["Reporter", "compact", "duration", "status"]
 
 
 def status(stats: RunStats, elapsed: float) -> str:
@@ -28,6 +28,14 @@ def status(stats: RunStats, elapsed: float) -> str:
         f"{rate:.1f} req/s · {stats.prompt_tokens + stats.completion_tokens:,} tok{cost} · "
         f"429s {stats.rate_limited} · retries {stats.retries} · errors {stats.pairs_failed}"
     )
+
+
+def compact(stats: RunStats, elapsed: float) -> str:
+    """The bar's counters, short enough for an 80-column terminal: pairs answered (they move while a long document
+    is still running), request rate, dollars when known, 429s, failed pairs."""
+    rate = stats.requests / elapsed if elapsed > 0 else 0.0
+    cost = f" {format_usd(stats.cost)}" if stats.prices is not None else ""
+    return f"{stats.pairs_done:,} pairs {rate:.0f}/s{cost} 429s {stats.rate_limited} err {stats.pairs_failed}"
 
 
 def duration(seconds: float) -> str:
@@ -61,8 +69,8 @@ class Reporter:
         self.started = self.last = clock()
         self.done = 0
         self.bar = Progress(
-            TextColumn("[bold]documents"),
-            BarColumn(),
+            TextColumn("[bold]docs"),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TextColumn("{task.fields[line]}"),
             TimeRemainingColumn(),
@@ -71,6 +79,7 @@ class Reporter:
             transient=False,
         )
         self.task = self.bar.add_task("run", total=total, line="")
+        self.shows_bar = bar
 
     def __enter__(self) -> Reporter:
         self.bar.__enter__()
@@ -83,9 +92,15 @@ class Reporter:
         """``done``: documents written by this run so far; ``log``: a line if one is due."""
         self.done = done
         now = self.clock()
-        self.bar.update(self.task, completed=self.done_before + done, line=status(self.stats, now - self.started))
+        self.refresh(now)
         if log and self.every is not None and now - self.last >= self.every:
             self.log()
+
+    def refresh(self, now: float | None = None) -> None:
+        """Redraw the bar (a no-op off a terminal)."""
+        now = self.clock() if now is None else now
+        line = compact(self.stats, now - self.started)
+        self.bar.update(self.task, completed=self.done_before + self.done, line=line)
 
     def log(self) -> None:
         now = self.clock()
@@ -101,7 +116,12 @@ class Reporter:
         err.print(f"progress: {share} · {escape(status(self.stats, elapsed))}{eta}", soft_wrap=True, highlight=False)
 
     async def watch(self) -> None:
-        """Log a line whenever ``every`` seconds pass without one (runs until cancelled)."""
+        """Redraw the bar twice a second (pairs move while documents run), or log a line whenever ``every`` seconds
+        pass without one (runs until cancelled)."""
+        if self.shows_bar:
+            while True:
+                await anyio.sleep(0.5)
+                self.refresh()
         if not self.every:  # None: no lines; 0: a line per document, from update()
             return
         while True:

@@ -146,6 +146,9 @@ async def run_job(
         raise
     finally:  # also on Ctrl-C / SIGTERM: what the run did
         resumed = journal.resumed if journal is not None else 0
+        if source.read == 0 and code != STOPPED:
+            where = source.path if source.path is not None else "standard input"
+            err.print(f"[yellow]warning:[/] {escape(str(where))} holds no documents (it is empty, or blank lines only)")
         err.print(summary(orch.stats, time.perf_counter() - started, writer.written, source.invalid_count, resumed))
     if source.invalid_count or (total is not None and writer.written + resumed < total):
         code = max(code, INVALID)
