@@ -8,7 +8,8 @@ could take the run past it is not sent: :class:`~polytask.BudgetExceededError`) 
 tokens) → backend → settle both reservations with the real usage and its cost, feed the limits learned from
 headers, the token calibration, the concurrency controller and the breaker → validate; retried by the
 :class:`~polytask.RetryPolicy` (each retry goes back through the breaker, the slot, the budget and the limiter), and
-re-asked once with the validation error when the answer is invalid.
+re-asked once with the validation error when the answer is invalid — unless what it holds can be read without
+guessing (:meth:`~polytask.Task.recover`: a code fence, prose around the JSON, an enum value's case or spaces).
 
 A 429 asking to wait longer than the policy's ``max_retry_after`` (a daily quota) becomes a
 :class:`~polytask.RetryLaterError`, which stops the run: converted here, the one place that knows the policy.
@@ -75,6 +76,9 @@ class CallStats:
     retries: int = 0
     reasks: int = 0
     cache_hits: int = 0
+    recovered: int = 0
+    """Answers accepted after :meth:`~polytask.Task.recover` read them from a code fence, prose around the JSON or
+    loosely written enum values, with no re-ask: how loosely the server answers."""
 
 
 @dataclass
@@ -238,7 +242,7 @@ class Caller:
         try:
             response = await self._call(task, messages, usage, count, label, on_retry, flight)
             try:
-                value = task.parse(response.content or "")
+                value, content = self._validated(task, response.content or "")
             except ValidationError as error:
                 flight.check(f"not re-asked after an invalid answer ({_short(error)})", error)
                 reasked = True
@@ -246,16 +250,34 @@ class Caller:
                 again = reask_messages(messages, response.content or "", _short(error))
                 response = await self._call(task, again, usage, count, label, on_retry, flight)
                 try:
-                    value = task.parse(response.content or "")
+                    value, content = self._validated(task, response.content or "")
                 except ValidationError as error2:
                     raise AnswerValidationError(
                         f"invalid answer after one re-ask: {_short(error2)}", content=response.content or ""
                     ) from None
             if key is not None and self.cache is not None:  # under the question's own key, re-asked or not
-                self.cache.put(key, response.content or "", response.prompt_tokens, response.completion_tokens)
+                self.cache.put(key, content, response.prompt_tokens, response.completion_tokens)
         except Exception as error:
             raise AskError(error, attempts, reasked) from error
         return Answer(value, attempts, reasked)
+
+    def _validated(self, task: Task[Any], content: str) -> tuple[Any, str]:
+        """The answer ``content`` holds and the text it was read from: ``content`` itself, or what
+        :meth:`~polytask.Task.recover` read from it without guessing (counted in ``stats.recovered``).
+
+        Raises:
+            ValidationError: no valid answer in it; the error of the recovered text when there was one (it names
+                what is still wrong, e.g. an enum value, rather than the fence around it).
+        """
+        try:
+            return task.parse(content), content
+        except ValidationError:
+            recovered = task.recover(content)
+            if recovered is None or recovered == content:
+                raise
+        value = task.parse(recovered)
+        self.stats.recovered += 1
+        return value, recovered
 
     async def _call(
         self,
@@ -344,7 +366,9 @@ class Caller:
                     full = True  # the learned cap was too small for this answer: not the answer's fault
                     return await attempt()
                 after = f"after {response.completion_tokens} tokens " if response.completion_tokens else ""
-                raise LengthLimitError(f"the answer was cut off {after}(max_tokens={req.max_tokens})")
+                raise LengthLimitError(
+                    f"the answer was cut off {after}(max_tokens={req.max_tokens})", content=response.content
+                )
             if response.refusal:
                 raise RefusalError(response.refusal)
             budget.observe(response.completion_tokens)

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .exceptions import AnswerError
+
 __all__ = [
     "Document",
     "DocumentResult",
@@ -124,6 +126,10 @@ class Usage(BaseModel):
         )
 
 
+_CONTENT_CHARS = 500  # the most characters of the model's answer an ErrorInfo keeps
+_TRUNCATED = f" … [truncated to {_CONTENT_CHARS} characters]"
+
+
 class ErrorInfo(BaseModel):
     """Why one (sentence, task) pair has no answer.
 
@@ -132,6 +138,10 @@ class ErrorInfo(BaseModel):
         message: its message (never contains an API key).
         status_code: the HTTP status, when there was one.
         attempts: how many calls were made for this pair.
+        content: what the model answered, for an answer that could not be used (``AnswerValidationError``: the
+            last answer; ``LengthLimitError``: the cut-off text; ``RefusalError``: the refusal), else None. Its first
+            500 characters, followed by ``" … [truncated to 500 characters]"`` when there were more. Only the
+            model's own text: nothing of the request (the document, the API key) is put there.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -140,14 +150,19 @@ class ErrorInfo(BaseModel):
     message: str
     status_code: int | None = None
     attempts: int = 0
+    content: str | None = None
 
     @classmethod
     def from_exception(cls, exc: BaseException, attempts: int = 0) -> ErrorInfo:
+        content = exc.content if isinstance(exc, AnswerError) and isinstance(exc.content, str) else None
+        if content is not None and len(content) > _CONTENT_CHARS:
+            content = content[:_CONTENT_CHARS] + _TRUNCATED
         return cls(
             type=type(exc).__name__,
             message=str(exc)[:1000],
             status_code=getattr(exc, "status_code", None),
             attempts=attempts,
+            content=content,
         )
 
 

@@ -345,19 +345,35 @@ class MalformedResponseError(BackendError):
 
 
 class AnswerError(PolytaskError):
-    """An answer arrived but cannot be used for the task."""
+    """An answer arrived but cannot be used for the task.
+
+    Attributes:
+        content: what the model wrote (its answer text, as it came), or None when it wrote nothing; shown,
+            truncated, in the pair's :class:`~polytask.ErrorInfo`. Only ever the model's text, never the request's.
+    """
+
+    content: str | None = None
 
 
 class LengthLimitError(AnswerError):
-    """The answer was cut off (``finish_reason == "length"``). Never repaired into a shorter valid answer."""
+    """The answer was cut off (``finish_reason == "length"``). Never repaired into a shorter valid answer.
+
+    Attributes:
+        content: the cut-off text, or None.
+    """
+
+    def __init__(self, message: str, *, content: str | None = None) -> None:
+        super().__init__(message)
+        self.content = content
 
 
 class RefusalError(AnswerError):
-    """The model refused to answer. Attributes: ``refusal``, the model's refusal text."""
+    """The model refused to answer. Attributes: ``refusal`` (also ``content``), the model's refusal text."""
 
     def __init__(self, refusal: str) -> None:
         super().__init__(f"the model refused: {refusal}")
         self.refusal = refusal
+        self.content = refusal
 
 
 class AnswerValidationError(AnswerError):

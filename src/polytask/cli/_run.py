@@ -54,6 +54,7 @@ def summary(stats: RunStats, elapsed: float, written: int, invalid: int, resumed
         ),
         ("prompt / completion tokens", f"{stats.prompt_tokens:,} / {stats.completion_tokens:,}"),
         ("429s / retries / re-asks", f"{stats.rate_limited} / {stats.retries} / {stats.reasks}"),
+        ("loose answers recovered (no re-ask)", f"{stats.recovered}"),
         ("answers from the cache", f"{stats.cache_hits}"),
         # never "$0.00" for a model whose prices nobody knows
         ("cost", format_usd(stats.cost) if stats.prices is not None else "unknown (pass --price-in/--price-out)"),

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from .._recover import recover_answer
 from ..documents import Sentence
 
 __all__ = ["MergeFunction", "Task", "strict_json_schema"]
@@ -168,6 +169,29 @@ class Task(Generic[AnswerT]):
     def parse(self, content: str) -> AnswerT:
         """Validate an answer's JSON text. Raises ``pydantic.ValidationError`` when it does not match."""
         return self.answer_model.model_validate_json(content)
+
+    def recover(self, content: str) -> str | None:
+        """The JSON text an answer that failed :meth:`parse` unambiguously holds, or None; asked before a re-ask.
+
+        Recovered: the one JSON object inside a Markdown code fence or with prose before or after it, and enum
+        values (``enum`` / ``const`` of :meth:`json_schema`, nested and through ``$defs`` too) written in another
+        case or with surrounding spaces (``"Positive "`` → ``"positive"``, ``"per"`` → ``"PER"``). Never guessed:
+        two JSON objects, broken or cut-off JSON, a value matching no member (or two) after ``strip`` and
+        ``casefold`` — those still go to the re-ask.
+
+        Returns:
+            The answer's JSON object as text, given to :meth:`parse` (which decides: it may still be invalid), or
+            None when nothing can be read without guessing. Raises nothing.
+
+        Override to recover more for your task, or to return None for no recovery at all; a task that overrides
+        :meth:`parse` gets the recovered text there.
+
+        Example::
+
+            >>> pt.Sentiment().recover('```json\n{"label": "Positive", "score": 0.5}\n```')
+            '{"label":"positive","score":0.5}'
+        """
+        return recover_answer(content, self.json_schema())
 
     def dump_answer(self, answer: AnswerT) -> str:
         """An answer as compact JSON for few-shot examples: by alias, as the schema names the keys, without computed

@@ -21,6 +21,7 @@ FAULT_KINDS = (
     "length",
     "refusal",
     "invalid_answer",
+    "loose_answer",
 )
 """Fault names, in the order a request's random draw is matched against their rates."""
 
@@ -42,6 +43,9 @@ class FaultRates(BaseModel):
         refusal: 200, ``content: null``, ``message.refusal`` set.
         invalid_answer: 200 with valid JSON that violates the schema (see
             :func:`~polytask.testing.schema_fill.violate_schema`).
+        loose_answer: 200 with a valid answer written loosely, as servers without structured outputs do: in a code
+            fence, inside prose, or with enum values in another case (see
+            :func:`~polytask.testing.schema_fill.loosen_answer`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -57,6 +61,7 @@ class FaultRates(BaseModel):
     length: float = Field(default=0.0, ge=0, le=1)
     refusal: float = Field(default=0.0, ge=0, le=1)
     invalid_answer: float = Field(default=0.0, ge=0, le=1)
+    loose_answer: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sum_at_most_one(self) -> Self:

@@ -1,4 +1,5 @@
-"""Answers made up from a JSON schema: valid ones for the simulator's replies, invalid ones for re-ask tests.
+"""Answers made up from a JSON schema: valid ones for the simulator's replies, invalid ones for re-ask tests, and
+valid ones written loosely (:func:`loosen_answer`), as servers without structured outputs write them.
 
 :func:`fill_schema` walks the schema (``type`` and type lists, ``enum``, ``const``, objects with every
 property, arrays honouring ``minItems`` / ``maxItems``, strings honouring ``minLength`` / ``maxLength`` and
@@ -13,6 +14,7 @@ allowed, so answers stay short.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import re
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 from re import _parser as re_parser  # type: ignore[attr-defined]  # the regular-expression parser (3.11+)
 from typing import Any
 
-__all__ = ["answer_rng", "fill_schema", "resolve_ref", "violate_schema"]
+__all__ = ["LOOSE_FORMS", "answer_rng", "fill_schema", "loosen_answer", "resolve_ref", "violate_schema"]
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 _MAX_DEPTH = 8
@@ -344,3 +346,47 @@ def violate_schema(schema: Mapping[str, Any], rng: random.Random) -> Any:
     if "string" in types:
         return {"not": "a string"}
     return "not a valid answer"
+
+
+LOOSE_FORMS = ("fence_json", "fence", "prose", "case")
+"""How :func:`loosen_answer` writes a valid answer: in a ```` ```json ```` fence, in a bare ```` ``` ```` fence,
+between two lines of prose, or with its enum values in another case and a trailing space."""
+
+
+def loosen_answer(answer: Any, schema: Mapping[str, Any], rng: random.Random) -> str:
+    """A valid ``answer`` written as a server without structured outputs may write it: one of :data:`LOOSE_FORMS`,
+    drawn from ``rng`` (``"case"`` falls back to ``"fence_json"`` when the answer holds no enum value). Everything
+    in it can be recovered without guessing (:meth:`polytask.Task.recover`)."""
+    form = rng.choice(LOOSE_FORMS)
+    if form == "case":
+        shifted = _shift_case(answer, schema, schema)
+        if shifted != answer:
+            return json.dumps(shifted, ensure_ascii=False, separators=(",", ":"))
+        form = "fence_json"
+    text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+    if form == "prose":
+        return f"Here is the answer:\n{text}\nI hope this helps."
+    return f"```{'json' if form == 'fence_json' else ''}\n{text}\n```"
+
+
+def _shift_case(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any], depth: int = 0) -> Any:
+    """``value`` with each string that is an enum member of its schema in another case, with a trailing space."""
+    node = resolve_ref(schema, root)
+    if depth > _MAX_DEPTH:
+        return value
+    options = [resolve_ref(o, root) for key in ("anyOf", "oneOf") for o in node.get(key) or ()] or [node]
+    if isinstance(value, str):
+        for option in options:
+            members = [option["const"]] if "const" in option else option.get("enum") or []
+            if value in members:
+                return (value.lower() if value.isupper() else value.upper()) + " "
+        return value
+    if isinstance(value, dict):
+        shaped = [o for o in options if "object" in _types(o)]
+        props = shaped[0].get("properties") or {} if len(shaped) == 1 else {}
+        return {k: _shift_case(v, props[k], root, depth + 1) if k in props else v for k, v in value.items()}
+    if isinstance(value, list):
+        shaped = [o for o in options if "array" in _types(o)]
+        items = shaped[0].get("items") if len(shaped) == 1 else None
+        return [_shift_case(v, items, root, depth + 1) if isinstance(items, Mapping) else v for v in value]
+    return value

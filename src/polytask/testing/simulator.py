@@ -39,7 +39,7 @@ from ..chat import Message
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer
 from .ratelimit import Clock, ServerRateLimiter, format_duration
-from .schema_fill import answer_rng, fill_schema, violate_schema
+from .schema_fill import answer_rng, fill_schema, loosen_answer, violate_schema
 
 __all__ = [
     "FAULT_KINDS",
@@ -320,6 +320,8 @@ class Simulator:
         else:
             answer = fill_schema(schema, rng)
         content: str | None = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        if fault == "loose_answer" and schema is not None:
+            content = loosen_answer(answer, schema, rng)
         assert content is not None
         refusal = None
         finish = "stop"
@@ -354,7 +356,9 @@ class Simulator:
         text = json.dumps(completion, ensure_ascii=False)
         if fault == "malformed":
             text = text[: len(text) // 2]
-        outcome = fault if fault in ("malformed", "length", "refusal", "invalid_answer", "hang") else "ok"
+        outcome = (
+            fault if fault in ("malformed", "length", "refusal", "invalid_answer", "loose_answer", "hang") else "ok"
+        )
         if finish == "length" and fault != "length":
             outcome = "ok"
         return outcome, web.Response(text=text, content_type="application/json", headers=headers)
