@@ -34,6 +34,7 @@ EXPECTED = {
     "QuotaExceededError": (False, True, False, False),
     "RetryLaterError": (False, True, False, False),
     "ServerError": (True, False, True, True),
+    "ServerUnreachableError": (False, True, False, False),
     "MalformedResponseError": (True, False, True, True),
     "AnswerError": (False, False, False, False),
     "LengthLimitError": (False, False, False, False),
@@ -54,6 +55,8 @@ def instance(cls: type[Exception]) -> Exception:
         return cls("x", content="{}")
     if "tpm" in params:
         return cls(10, 5.0)
+    if "base_url" in params:
+        return cls("x", base_url="http://127.0.0.1:9/v1")
     if "hint" in params:
         return cls("m", "h")
     if "worst_case_usd" in params:

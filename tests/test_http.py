@@ -72,15 +72,20 @@ async def _errors(base_url, seconds=5.0):
     return errors
 
 
-async def test_refused_connection_is_the_same_error_from_every_path():
+async def test_refused_connection_is_the_same_error_from_every_path(monkeypatch):
+    # refused before anything ever answered: a wrong base URL (tried again at once here, not after 0.5 s and 1 s)
+    monkeypatch.setattr("polytask.backends.openai._UNREACHABLE_RETRIES", (0.0, 0.0))
     with socket.socket() as bound:  # bound, never listening: the kernel refuses connections to it
         bound.bind(("127.0.0.1", 0))
         errors = await _errors(f"http://127.0.0.1:{bound.getsockname()[1]}/v1")
-    for mode, error in errors.items():
-        assert type(error) is pt.APIConnectionError, mode
+    for mode, unreachable in errors.items():
+        assert type(unreachable) is pt.ServerUnreachableError, mode
+        error = unreachable.__cause__  # what the transport said, in polytask's words
+        assert type(error) is pt.APIConnectionError and not error.connected, mode
         assert str(error).startswith("connection failed: ") and len(str(error)) <= 500, mode
-    assert str(errors["sdk"]) == str(errors["httpx2"])  # the same library below, so the same words
-    assert str(errors["httpx2"]).startswith("connection failed: ConnectError: ")
+        assert str(unreachable).endswith(f"{error})"), mode
+    assert str(errors["sdk"].__cause__) == str(errors["httpx2"].__cause__)  # the same library below, the same words
+    assert str(errors["httpx2"].__cause__).startswith("connection failed: ConnectError: ")
 
 
 async def test_no_answer_within_the_timeout_is_the_same_error_from_every_path():
@@ -96,13 +101,13 @@ async def test_no_answer_within_the_timeout_is_the_same_error_from_every_path():
 @pytest.mark.parametrize("http", ["httpx2", "sdk"])
 async def test_injected_transport_failures_read_alike_and_the_sdk_path_redacts_the_key(http):
     def reset(request):
-        raise httpx2.ConnectError(f"reset while sending {SECRET}", request=request)
+        raise httpx2.WriteError(f"reset while sending {SECRET}", request=request)
 
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(reset))
     backend = pt.OpenAIBackend("m", base_url="http://test/v1", api_key=SECRET, http_client=client, http=http)
     with pytest.raises(pt.APIConnectionError) as info:
         await backend.complete(REQUEST)
-    expected = "connection failed: ConnectError: reset while sending " + (SECRET if http == "httpx2" else "***")
+    expected = "connection failed: WriteError: reset while sending " + (SECRET if http == "httpx2" else "***")
     assert str(info.value) == expected
 
 

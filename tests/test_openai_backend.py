@@ -138,7 +138,7 @@ async def test_bad_gateway_html_body(backend_for):
 
 async def test_connection_error_and_timeout(backend_for):
     def reset(request):
-        raise httpx2.ConnectError("connection reset by peer", request=request)
+        raise httpx2.ReadError("connection reset by peer", request=request)
 
     with pytest.raises(pt.APIConnectionError) as info:
         await backend_for(reset).complete(REQUEST)

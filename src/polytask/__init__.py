@@ -52,6 +52,7 @@ from .exceptions import (
     RunStopped,
     ServerDownError,
     ServerError,
+    ServerUnreachableError,
     UnprocessableEntityError,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
@@ -130,6 +131,7 @@ __all__ = [
     "Sentiment",
     "ServerDownError",
     "ServerError",
+    "ServerUnreachableError",
     "Task",
     "TransformersBackend",
     "UnprocessableEntityError",

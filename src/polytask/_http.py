@@ -12,6 +12,9 @@ request, in seconds, enforced by the library:
 :func:`translate_transport_errors` is the seam, as httpx has one at its transport: both clients and the backend's
 openai-SDK path send inside it, and it turns the transport failures of aiohttp, httpx2 and the openai SDK into
 :class:`~polytask.exceptions.APITimeoutError` and :class:`~polytask.exceptions.APIConnectionError`, with one wording.
+A connection that was never made (refused, a host name that does not resolve) is told apart from one that failed
+later (reset, closed): ``APIConnectionError.connected`` is False for it, so the backend can tell a wrong base URL
+from a server that went away.
 This is the only module that imports aiohttp or makes an httpx2 client (the backend names ``httpx2.AsyncClient``
 only as the type of the ``http_client`` it is given, and hands the SDK a client made here).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
@@ -42,6 +47,9 @@ _CONNECTION_FAILURES = (
     httpx2.TransportError,
     openai.APIConnectionError,
 )
+# no connection was made: refused, or the host name did not resolve (a TLS failure means something answered)
+_NOT_CONNECTED = (aiohttp.ClientConnectorError, httpx2.ConnectError, ConnectionRefusedError, socket.gaierror)
+_TLS = (ssl.SSLError, aiohttp.ClientSSLError)
 
 
 def _unchanged(text: str) -> str:
@@ -59,7 +67,8 @@ def translate_transport_errors(timeout: float, redact: Callable[[str], str] = _u
     Raises:
         APITimeoutError: ``no response within {timeout} s``.
         APIConnectionError: ``connection failed: {the error's type}: {the error}`` (at most 500 characters); for
-            the openai SDK's wrapper, the error it wraps.
+            the openai SDK's wrapper, the error it wraps. ``connected`` is False when no connection was made at all
+            (refused, no such host).
     """
     try:
         yield
@@ -67,7 +76,21 @@ def translate_transport_errors(timeout: float, redact: Callable[[str], str] = _u
         raise APITimeoutError(f"no response within {timeout:g} s") from None
     except _CONNECTION_FAILURES as error:
         cause = error.__cause__ if isinstance(error, openai.APIConnectionError) and error.__cause__ else error
-        raise APIConnectionError(redact(f"connection failed: {type(cause).__name__}: {cause}"[:500])) from None
+        message = redact(f"connection failed: {type(cause).__name__}: {cause}"[:500])
+        raise APIConnectionError(message, connected=not _never_connected(cause)) from None
+
+
+def _never_connected(error: BaseException) -> bool:
+    """Whether ``error`` says no connection was made (refused, no such host); a TLS failure anywhere in its chain
+    says something answered."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain of causes, which a library may make long (never a cycle followed forever)
+        if seen is None:
+            break
+        if isinstance(seen, _TLS):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(error, _NOT_CONNECTED)
 
 
 def async_library() -> str | None:

@@ -15,7 +15,8 @@ most specific first, so callers never catch a third-party exception type::
     │   ├── CircuitOpenError        held by the open circuit breaker; a probe failed (retried)
     │   ├── ServerDownError         the server failed everything for ``max_outage`` s: stops the run
     │   ├── APIConnectionError      the connection failed or was reset            (retried)
-    │   │   └── APITimeoutError     no answer within the timeout                   (retried)
+    │   │   ├── APITimeoutError     no answer within the timeout                   (retried)
+    │   │   └── ServerUnreachableError  refused / no such host, and no answer ever came: stops the run
     │   ├── APIStatusError          the server answered 4xx / 5xx; ``status_code``
     │   │   ├── BadRequestError           400                                      (never retried)
     │   │   ├── AuthenticationError       401                                      (never retried)
@@ -73,6 +74,7 @@ __all__ = [
     "RunStopped",
     "ServerDownError",
     "ServerError",
+    "ServerUnreachableError",
     "UnprocessableEntityError",
     "is_fatal_to_run",
     "is_outage_sign",
@@ -209,15 +211,44 @@ class BackendClosedError(BackendError):
 
 
 class APIConnectionError(BackendError):
-    """The connection failed, was refused or reset before a response arrived."""
+    """The connection failed, was refused or reset before a response arrived.
+
+    Attributes:
+        connected: whether a connection to the server was made at all: False when it was refused or its host name
+            did not resolve (nothing answered at the address), True otherwise (a reset, a timeout, a TLS failure).
+    """
 
     retryable = True
     server_failure = True
     outage_sign = True
 
+    def __init__(self, message: str = "", *, connected: bool = True) -> None:
+        super().__init__(message)
+        self.connected = connected
+
 
 class APITimeoutError(APIConnectionError):
     """No response arrived within the call's timeout."""
+
+
+class ServerUnreachableError(APIConnectionError):
+    """Nothing listens at the base URL (connection refused, no such host) and nothing there has answered this
+    backend yet, even after a couple of quick retries: a configuration error (a wrong ``--base-url`` or port, a
+    server not started), not an outage, so the run stops at once instead of retrying for ``max_outage``. Once the
+    server has answered, a refused connection is an :class:`APIConnectionError` again (a server restarting).
+
+    Attributes:
+        base_url: the URL nothing listens at.
+    """
+
+    retryable = False
+    fatal_to_run = True
+    server_failure = False
+    outage_sign = False
+
+    def __init__(self, message: str, *, base_url: str) -> None:
+        super().__init__(message, connected=False)
+        self.base_url = base_url
 
 
 class CircuitOpenError(BackendError):

@@ -6,6 +6,10 @@ on asyncio only): the openai SDK's per-request path costs 5–9 ms of CPU per ca
 calls/s (BENCHMARKS.md). ``http="sdk"`` sends through ``openai.AsyncOpenAI`` (``max_retries=0``) instead. Every
 path sends inside :func:`polytask._http.translate_transport_errors`, so the same errors come out, translated into
 :mod:`polytask.exceptions`.
+
+What it learns of a server that is only partly OpenAI-compatible (the ``response_format`` each task can use, the
+field the completion cap must travel in) is kept in :mod:`polytask.backends._quirks`; whether the server has ever
+answered, here: a refused connection before that is a wrong base URL (:class:`~polytask.ServerUnreachableError`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
+import anyio
 import openai
 
 from .. import exceptions as exc
@@ -28,6 +34,7 @@ from .._version import __version__
 from ..chat import ChatRequest, ChatResponse
 from ..costs import Prices, prices_for
 from ..exceptions import ConfigurationError
+from ._quirks import CapField, CapParam, StructuredMode, StructuredModes, may_be_capability, simpler_modes
 from .base import BackendSettings, SettingsAttributes
 
 if TYPE_CHECKING:
@@ -37,9 +44,10 @@ logger = logging.getLogger("polytask")
 
 __all__ = ["OpenAIBackend"]
 
-StructuredMode = Literal["json_schema", "json_object", "none"]
 HTTPMode = Literal["aiohttp", "httpx2", "sdk"]
-_FALLBACK: dict[StructuredMode, StructuredMode] = {"json_schema": "json_object", "json_object": "none"}
+_UNREACHABLE_RETRIES = (0.5, 1.0)
+"""Seconds waited before each new try of a connection refused before the server ever answered (a server starting
+at the same moment); when the last is refused too, :class:`~polytask.ServerUnreachableError`."""
 _DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _BY_STATUS: dict[int, type[exc.APIStatusError]] = {
     400: exc.BadRequestError,
@@ -61,12 +69,21 @@ class OpenAIBackend(SettingsAttributes):
         tpm: tokens-per-minute limit to keep under, or None (likewise).
         timeout: seconds allowed for one HTTP call before it counts as a timeout (default 60).
         structured_outputs: ``"json_schema"`` (strict structured outputs; default), ``"json_object"`` (JSON mode,
-            schema in the prompt) or ``"none"`` (schema in the prompt). When the server rejects a task's schema or
-            the mode with a 400 that names ``response_format``, that task (its schema name) falls back to the next
-            mode for the rest of the run, with a warning; the other tasks keep theirs. ``backend.mode`` stays the
-            configured mode; ``backend.fallbacks`` maps each schema name that fell back to its mode now.
-        max_tokens_param: the request field for the completion cap: ``"max_completion_tokens"`` (OpenAI's current
-            name) or ``"max_tokens"`` (older servers).
+            schema in the prompt) or ``"none"`` (schema in the prompt). A task (its schema name) falls back to the
+            next simpler mode for the rest of the run, with a warning naming it, the other tasks keeping theirs, on
+            the server's capability answer: a 400 that names ``response_format``, or any other error status (not
+            401, 403, 404, 429) that its mode met twice identically before ever answering while the same request
+            in a simpler mode answered (a server that answers 500 to a ``response_format`` it does not know). A
+            failure the simpler mode meets too is an outage (retried as usual), and a mode that answered once is
+            kept. ``backend.mode`` stays the configured mode; ``backend.structured_modes`` maps every task asked to
+            the mode its calls use now, ``backend.fallbacks`` each task that fell back to its mode now.
+        max_tokens_param: the request field for the completion cap (``max_tokens``, in tokens):
+            ``"max_completion_tokens"`` (OpenAI's current name), ``"max_tokens"`` (what older vLLM, llama.cpp,
+            Ollama and many gateways read; they ignore the other), or ``"auto"`` (default): send
+            ``max_completion_tokens`` and switch to ``max_tokens`` for the rest of the run, with a warning, once an
+            answer's completion tokens exceed the cap sent (the server ignored it) or a 400 says the server does
+            not know the field (that call is sent again at once). ``backend.max_tokens_field`` is the field sent
+            now.
         http: ``"aiohttp"`` (fastest; asyncio only), ``"httpx2"`` (asyncio or trio), or ``"sdk"`` (through
             ``openai.AsyncOpenAI``). Unset (None, the default): aiohttp when the call runs under asyncio, httpx2
             under trio. ``"aiohttp"`` asked for by name under trio raises :class:`~polytask.ConfigurationError`
@@ -87,9 +104,15 @@ class OpenAIBackend(SettingsAttributes):
     ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
     is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
 
+    A connection refused (or a host name that does not resolve) before the server has ever answered this backend
+    is tried twice more within 1.5 s (a server starting at that moment), then raises
+    :class:`~polytask.ServerUnreachableError` naming the URL, which stops a run (exit 2 in the CLI) instead of
+    being retried as an outage; once the server has answered, a refused connection is a retried
+    :class:`~polytask.APIConnectionError` (a server restarting).
+
     Raises:
-        ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http``, or a bad number (the message
-            names it); from a call, ``http="aiohttp"`` used under trio.
+        ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http`` or ``max_tokens_param``, or
+            a bad number (the message names it); from a call, ``http="aiohttp"`` used under trio.
     """
 
     def __init__(
@@ -102,7 +125,7 @@ class OpenAIBackend(SettingsAttributes):
         tpm: float | None = None,
         timeout: float = 60.0,
         structured_outputs: StructuredMode = "json_schema",
-        max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens",
+        max_tokens_param: CapParam = "auto",
         http: HTTPMode | None = None,
         max_connections: int = 512,
         http_client: httpx2.AsyncClient | None = None,
@@ -127,6 +150,14 @@ class OpenAIBackend(SettingsAttributes):
             api_key = "not-needed"
         if http is not None and http not in ("aiohttp", "httpx2", "sdk"):
             raise ConfigurationError(f"http must be 'aiohttp', 'httpx2' or 'sdk', got {http!r}")
+        if max_tokens_param not in ("auto", "max_completion_tokens", "max_tokens"):
+            raise ConfigurationError(
+                f"max_tokens_param must be 'auto', 'max_completion_tokens' or 'max_tokens', got {max_tokens_param!r}"
+            )
+        if structured_outputs not in ("json_schema", "json_object", "none"):
+            raise ConfigurationError(
+                f"structured_outputs must be 'json_schema', 'json_object' or 'none', got {structured_outputs!r}"
+            )
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
         check_positive("timeout", timeout, allow_none=False)
@@ -136,11 +167,14 @@ class OpenAIBackend(SettingsAttributes):
         self.model = model
         self.name = f"openai:{model}"
         self.mode: StructuredMode = structured_outputs
-        self.fallbacks: dict[str, StructuredMode] = {}  # schema name → the mode it fell back to
-        self.max_tokens_param = max_tokens_param
+        self._modes = StructuredModes(structured_outputs)
+        self.max_tokens_param: CapParam = max_tokens_param
         self.http: HTTPMode | None = http  # None: chosen per call by the running async library
         self.timeout = timeout
         self.base_url = (base_url or _DEFAULT_BASE_URL).rstrip("/")
+        self._cap = CapField(max_tokens_param, self.base_url)
+        self._answered = False  # the server has answered (any status) at least once
+        self._unreachable = False  # a ServerUnreachableError was raised: later refusals are not tried again
         if cache_identity is None:
             extra = json.dumps(extra_body, sort_keys=True, default=str) if extra_body else ""
             cache_identity = f"openai {self.base_url} {model} {extra}".strip()
@@ -192,6 +226,21 @@ class OpenAIBackend(SettingsAttributes):
         else:
             self._lean = AiohttpClient(max_connections=max_connections)
 
+    @property
+    def structured_modes(self) -> dict[str, StructuredMode]:
+        """Every task (schema name) asked so far → the ``response_format`` mode its calls use now."""
+        return self._modes.modes
+
+    @property
+    def fallbacks(self) -> dict[str, StructuredMode]:
+        """Each task (schema name) that fell back from the configured mode → its mode now."""
+        return self._modes.fallbacks
+
+    @property
+    def max_tokens_field(self) -> Literal["max_completion_tokens", "max_tokens"]:
+        """The request field the completion cap is sent in now (see ``max_tokens_param``)."""
+        return self._cap.field
+
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r})"
 
@@ -204,33 +253,108 @@ class OpenAIBackend(SettingsAttributes):
                 await lean.aclose()
 
     async def complete(self, request: ChatRequest, /) -> ChatResponse:
-        """One chat call. Raises a :mod:`polytask.exceptions` error (never an openai or HTTP one); never retries."""
-        name = request.schema_name
-        while True:
-            mode = self.fallbacks.get(name, self.mode)
-            try:
-                return await self._complete(request, mode)
-            except exc.BadRequestError as error:
-                fallback = _FALLBACK.get(mode)
-                if fallback is None or "response_format" not in str(error):
-                    raise
-                if self.fallbacks.get(name, self.mode) == mode:  # another call may have fallen back already
-                    self.fallbacks[name] = fallback
-                    logger.warning(
-                        "the server refused %s structured outputs for %r (%s); sending its schema %s for the rest "
-                        "of the run",
-                        mode,
-                        name,
-                        error,
-                        "in the prompt with JSON mode" if fallback == "json_object" else "in the prompt only",
-                    )
+        """One chat call, in the mode its task uses now (see ``structured_outputs``); never retries a failure, but a
+        call the server answers with a capability answer is sent again in the simpler mode at once.
 
-    def _body(self, request: ChatRequest, mode: StructuredMode) -> dict[str, Any]:
+        Raises:
+            PolytaskError: an error of :mod:`polytask.exceptions` (never an openai or HTTP one), among them
+                :class:`~polytask.ServerUnreachableError` when nothing listens at ``base_url`` and nothing has
+                answered yet.
+        """
+        task = request.schema_name
+        mode = self._modes.mode(task)
+        while True:
+            try:
+                response = await self._send(request, mode)
+            except exc.APIStatusError as error:
+                if isinstance(error, exc.BadRequestError):
+                    now = self._modes.refused(task, mode, error)
+                    if now is not None:  # a 400 naming response_format: the capability answer itself
+                        mode = now
+                        continue
+                if may_be_capability(error):
+                    await self._modes.probe_ended(task)  # another call of the task is finding out what works
+                    now = self._modes.mode(task)
+                    if now != mode:  # the task fell back while this call was out: sent again in its mode
+                        mode = now
+                        continue
+                if not self._modes.should_probe(task, mode, error):
+                    raise
+                return await self._probe(request, mode, error)
+            self._modes.answered(task, mode)
+            return response
+
+    async def _probe(self, request: ChatRequest, mode: StructuredMode, error: exc.APIStatusError) -> ChatResponse:
+        """``request`` failed in ``mode`` as it did before (``error``): send it in each simpler mode until one
+        answers (the task falls back to it; its answer is this call's) or fails otherwise; raises ``error`` when
+        none answered."""
+        worked: StructuredMode | None = None
+        try:
+            for simpler in simpler_modes(mode):
+                try:
+                    response = await self._send(request, simpler)
+                except exc.APIStatusError as failure:
+                    if may_be_capability(failure):
+                        continue
+                    break
+                worked = simpler
+                return response
+        finally:
+            self._modes.probed(request.schema_name, mode, error, worked)
+        raise error
+
+    async def _send(self, request: ChatRequest, mode: StructuredMode) -> ChatResponse:
+        """One call in ``mode``; sent again with ``max_tokens`` when the server does not know
+        ``max_completion_tokens`` (``max_tokens_param="auto"``), and tried again shortly when nothing listens
+        before the server ever answered.
+
+        Raises:
+            ServerUnreachableError: the connection was refused (or the host name did not resolve) on every try and
+                the server has never answered this backend.
+        """
+        delays: Iterator[float] | None = None  # made at the first refusal: most calls never meet one
+        tries = 0
+        while True:
+            field = self._cap.field
+            tries += 1
+            try:
+                response = await self._complete(request, mode, field)
+            except exc.APIConnectionError as error:
+                if error.connected or self._answered:
+                    raise
+                if delays is None:
+                    delays = iter(() if self._unreachable else _UNREACHABLE_RETRIES)
+                delay = next(delays, None)
+                if delay is None:
+                    self._unreachable = True
+                    raise self._nothing_listening(error, tries) from error
+                await anyio.sleep(delay)
+                continue
+            except exc.BadRequestError as error:
+                if self._cap.refused(field, error):
+                    continue
+                raise
+            self._cap.observe(field, request.max_tokens, response.completion_tokens)
+            return response
+
+    def _nothing_listening(self, error: exc.APIConnectionError, tries: int) -> exc.ServerUnreachableError:
+        parts = urlsplit(self.base_url)
+        shown = self.base_url
+        if "@" in parts.netloc:  # credentials in the URL are never shown
+            shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        waited = sum(_UNREACHABLE_RETRIES) if tries > 1 else 0.0
+        return exc.ServerUnreachableError(
+            f"nothing is listening at {shown}: check --base-url (or OPENAI_BASE_URL; base_url= in Python) and that "
+            f"the server is running ({tries} connection(s) refused over {waited:g} s; {error})",
+            base_url=shown,
+        )
+
+    def _body(self, request: ChatRequest, mode: StructuredMode, field: str) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": request.messages,
             "temperature": request.temperature,
-            self.max_tokens_param: request.max_tokens,
+            field: request.max_tokens,
         }
         if mode == "json_schema":
             body["response_format"] = {
@@ -244,14 +368,16 @@ class OpenAIBackend(SettingsAttributes):
         body.update(self._extra_body)
         return body
 
-    async def _complete(self, request: ChatRequest, mode: StructuredMode) -> ChatResponse:
-        body = self._body(request, mode)
+    async def _complete(self, request: ChatRequest, mode: StructuredMode, field: str) -> ChatResponse:
+        """One HTTP call, the completion cap in ``field``."""
+        body = self._body(request, mode, field)
         started = time.perf_counter()
         if self._sdk is not None:
             status, headers, data = await self._send_sdk(body)
         else:
             payload = json.dumps(body, ensure_ascii=False).encode()
             status, headers, content = await self._lean_client().post(self._url, self._headers, payload, self.timeout)
+            self._answered = True
             data = _json(content)
             if status >= 400:
                 raise self._status_error(status, data if data is not None else content, headers)
@@ -295,11 +421,13 @@ class OpenAIBackend(SettingsAttributes):
         with translate_transport_errors(self.timeout, redact=self._redact):
             try:
                 raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
+                self._answered = True
                 parsed = raw.parse()
                 if not hasattr(parsed, "model_dump"):  # a 200 whose JSON is not an object ([], "x", null)
                     raise exc.MalformedResponseError(f"not a chat completion: {type(parsed).__name__} body")
                 return raw.http_response.status_code, raw.headers, parsed.model_dump()
             except openai.APIStatusError as error:
+                self._answered = True
                 raise self._status_error(error.status_code, error.body, error.response.headers) from None
             except (openai.APIResponseValidationError, ValueError) as error:
                 raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None

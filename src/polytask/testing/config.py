@@ -85,8 +85,13 @@ class SimulatorConfig(BaseModel):
         hang_seconds: how long a ``hang`` fault keeps the request open, in seconds.
         fault_retry_after: seconds an injected ``rate_limit`` 429 asks the client to wait.
         default_max_tokens: the max tokens assumed when a request gives none (for TPM charging).
-        supports_json_schema: when False, ``response_format: json_schema`` gets a 400 naming
-            ``response_format`` (as vLLM / older servers do); ``json_object`` still works.
+        supports_json_schema: when False, ``response_format: json_schema`` gets a ``json_schema_status`` error;
+            ``json_object`` still works.
+        json_schema_status: the status a ``json_schema`` request gets when ``supports_json_schema`` is False: 400
+            (default), an OpenAI error naming ``response_format`` (as vLLM / older servers do), or any other, a bare
+            status with its reason phrase as a plain-text body (500: a server that crashes on it).
+        reads_max_completion_tokens: when False, the server reads the completion cap from ``max_tokens`` only and
+            ignores ``max_completion_tokens`` (older vLLM, llama.cpp, Ollama): answers run to their full length.
         max_concurrency: a hidden cap: a completion arriving while this many are in flight gets a 503 with no
             rate-limit headers. None = no cap.
         daily_quota: completion requests let through before a daily quota is spent (it never refills): every later
@@ -109,6 +114,8 @@ class SimulatorConfig(BaseModel):
     fault_retry_after: float = Field(default=1.0, ge=0)
     default_max_tokens: int = Field(default=4096, gt=0)
     supports_json_schema: bool = True
+    json_schema_status: int = Field(default=400, ge=400, le=599)
+    reads_max_completion_tokens: bool = True
     max_concurrency: int | None = Field(default=None, gt=0)
     daily_quota: int | None = Field(default=None, ge=0)
     daily_quota_retry_after: float = Field(default=86_400.0, ge=0)
@@ -122,7 +129,7 @@ class SimulatorStats(BaseModel):
         received: completion requests received.
         outcomes: count per outcome: ``"ok"``, ``"rate_limited"`` (429 from the buckets), ``"over_capacity"``
             (503 from ``max_concurrency``), ``"daily_quota"`` (429 once ``daily_quota`` is spent), ``"bad_request"``
-            (400), and each fault name.
+            (400), ``"json_schema_refused"`` (``json_schema_status`` other than 400), and each fault name.
         in_flight: completion requests being handled now.
         max_in_flight: the most ever handled at once.
     """

@@ -4,8 +4,9 @@ Endpoints (each also without the ``/v1`` prefix):
 
 * ``POST /v1/chat/completions`` — an OpenAI request (``model``, ``messages``, optional ``response_format``
   ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` or ``{"type": "json_object"}``,
-  ``max_tokens`` / ``max_completion_tokens``, ``temperature``) → a ``chat.completion`` object whose content is
-  compact JSON valid for the schema, deterministic per (seed, sentence).
+  ``max_tokens`` / ``max_completion_tokens`` (the latter read first, unless ``reads_max_completion_tokens`` is
+  False), ``temperature``) → a ``chat.completion`` object whose content is compact JSON valid for the schema,
+  deterministic per (seed, sentence).
 * ``GET /v1/models`` — the one configured model.
 * ``GET /stats`` — :class:`SimulatorStats` as JSON.
 
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Any, Self
 
 from aiohttp import web
@@ -235,7 +237,7 @@ class Simulator:
             messages: list[Message] = [
                 {"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in raw
             ]
-            max_tokens = body.get("max_completion_tokens")
+            max_tokens = body.get("max_completion_tokens") if cfg.reads_max_completion_tokens else None
             if max_tokens is None:
                 max_tokens = body.get("max_tokens")
             if max_tokens is None:
@@ -247,6 +249,13 @@ class Simulator:
         model = str(body.get("model") or cfg.model)
         fmt = body.get("response_format")
         if not cfg.supports_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            if cfg.json_schema_status != 400:  # a server that fails on it, saying nothing of why
+                status = cfg.json_schema_status
+                try:
+                    phrase = HTTPStatus(status).phrase
+                except ValueError:  # a status with no name
+                    phrase = "Error"
+                return "json_schema_refused", web.Response(status=status, text=phrase)
             message = "response_format type 'json_schema' is not supported by this server; use 'json_object'"
             return "bad_request", _error(400, message, "BadRequestError", param="response_format")
 
