@@ -291,3 +291,21 @@ async def test_a_200_that_is_not_a_json_object_is_malformed(backend_for, body):
     backend = backend_for(lambda r: httpx2.Response(200, json=body))
     with pytest.raises(pt.MalformedResponseError):
         await backend.complete(REQUEST)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "says"),
+    [
+        (b"<!DOCTYPE html><html><title>Sign in</title>", "text/html; charset=utf-8", "a body that is not JSON"),
+        (b"", "text/plain", "an empty body"),
+        (b'{"object": "list", "data": []}', "application/json", "a JSON object without 'choices' (keys: data, object)"),
+        (b"Bad Gateway", "text/plain", "a body that is not JSON"),
+    ],
+)
+async def test_a_200_that_is_not_a_chat_completion_names_what_came_back(backend_for, content, content_type, says):
+    backend = backend_for(lambda r: httpx2.Response(200, content=content, headers={"content-type": content_type}))
+    with pytest.raises(pt.MalformedResponseError) as info:
+        await backend.complete(REQUEST)
+    message = str(info.value)
+    assert says in message and content_type in message and "NoneType" not in message
+    assert content[:20].decode() in message and "--base-url" in message

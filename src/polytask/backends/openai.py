@@ -381,6 +381,8 @@ class OpenAIBackend(SettingsAttributes):
             data = _json(content)
             if status >= 400:
                 raise self._status_error(status, data if data is not None else content, headers)
+            if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
+                raise exc.MalformedResponseError(self._redact(_what_came_back(status, headers, content, data)))
         latency = time.perf_counter() - started
         try:
             choice = data["choices"][0]
@@ -422,9 +424,12 @@ class OpenAIBackend(SettingsAttributes):
             try:
                 raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
                 self._answered = True
+                content = raw.http_response.content
+                data = _json(content)
+                if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):  # HTML, [], "x", null
+                    came = _what_came_back(raw.http_response.status_code, raw.headers, content, data)
+                    raise exc.MalformedResponseError(self._redact(came))
                 parsed = raw.parse()
-                if not hasattr(parsed, "model_dump"):  # a 200 whose JSON is not an object ([], "x", null)
-                    raise exc.MalformedResponseError(f"not a chat completion: {type(parsed).__name__} body")
                 return raw.http_response.status_code, raw.headers, parsed.model_dump()
             except openai.APIStatusError as error:
                 self._answered = True
@@ -460,6 +465,23 @@ class OpenAIBackend(SettingsAttributes):
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
         return _BY_STATUS.get(status, exc.APIStatusError)(message, **kwargs)
+
+
+def _what_came_back(status: int, headers: Mapping[str, str], content: bytes, data: Any) -> str:
+    """Why a 2xx body is not a chat completion, naming what it is: its content type and first bytes (an HTML login
+    page of a proxy, a gateway's plain-text error, a JSON object of another API)."""
+    kind = headers.get("content-type") or headers.get("Content-Type") or "no content type"
+    start = " ".join(content[:200].decode("utf-8", "replace").split())
+    if data is None:
+        what = "an empty body" if not content.strip() else "a body that is not JSON"
+    elif isinstance(data, dict):
+        what = f"a JSON object without 'choices' (keys: {', '.join(sorted(map(str, data))[:8]) or 'none'})"
+    else:
+        what = f"a JSON {type(data).__name__}, not an object"
+    return (
+        f"HTTP {status} answered with {what} ({kind}), not a chat completion: {start!r}"
+        "; is --base-url the server's OpenAI-compatible API root (usually ending in /v1)?"
+    )[:600]
 
 
 def _json(content: bytes) -> Any:
