@@ -121,6 +121,8 @@ def test_output_equal_to_input_is_refused_and_the_input_kept(tmp_path):
         (["--attempts", "0"], "--attempts must be greater than 0"),
         (["--timeout", "0"], "--timeout must be greater than 0"),
         (["--simulate-faults", "2"], "--simulate-faults is a share"),
+        (["--rate-window", "0"], "--rate-window must be greater than 0"),
+        (["--rate-window", "61"], "--rate-window is the seconds an RPM limit is enforced over, in (0, 60]"),
     ],
 )
 def test_impossible_numbers_are_usage_errors_that_keep_the_old_output(tmp_path, args, message):
@@ -526,6 +528,20 @@ def test_version_and_a_busy_port_say_one_line():
         result = runner.invoke(app, ["simulate", "--port", str(port)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rpm-window", "0"], "--rpm-window must be greater than 0"),
+        (["--rpm-window", "90"], "--rpm-window is the seconds an RPM limit is enforced over"),
+        (["--faults", "2"], "--faults is a share of calls"),
+        (["--rpm", "-5"], "--rpm must be greater than 0"),
+    ],
+)
+def test_simulate_refuses_impossible_numbers_in_one_line(args, message):
+    result = runner.invoke(app, ["simulate", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

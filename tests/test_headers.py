@@ -2,7 +2,8 @@ import email.utils
 
 import pytest
 
-from polytask._headers import parse_duration, parse_rate_limit_headers, parse_retry_after
+from polytask._headers import parse_duration, parse_rate_limit_headers, parse_rate_limit_message, parse_retry_after
+from polytask.chat import RateLimitHeaders
 
 
 @pytest.mark.parametrize(
@@ -105,3 +106,59 @@ def test_rate_limit_headers_parsed():
     assert (limits.remaining_requests, limits.remaining_tokens) == (499, 199000)
     assert limits.reset_requests == pytest.approx(0.12)
     assert limits.reset_tokens == 90.0
+
+
+@pytest.mark.parametrize(
+    ("message", "seconds"),
+    [
+        (
+            "Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 29500, Requested 1200. "
+            "Please try again in 2.7s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            2.7,
+        ),
+        ("Rate limit reached for gpt-4o on requests per day (RPD): Limit 200. Please try again in 6m0s.", 360.0),
+        ("Please try again in 120ms.", 0.12),
+        ("Please try again in 1h2m3s", 3723.0),
+        (
+            "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded "
+            "call rate limit of your current OpenAI S0 pricing tier. Please retry after 17 seconds. Please go here: "
+            "https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit.",
+            17.0,
+        ),
+        ("Please try again in 20 seconds.", 20.0),
+        ("Retry after 2 minutes", 120.0),
+        ("Too many requests. Please try again later.", None),
+        ("slow down", None),
+    ],
+)
+def test_a_429_message_gives_the_wait(message, seconds):
+    wait, _ = parse_rate_limit_message(message)
+    assert wait == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_a_429_message_names_the_limit_that_ran_out():
+    _, tokens = parse_rate_limit_message(
+        "Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 29500, Requested 1200."
+    )
+    assert (tokens.limit_tokens, tokens.remaining_tokens, tokens.limit_requests) == (30000, 0, None)
+    _, requests = parse_rate_limit_message("… on requests per min (RPM): Limit 3, Used 3, Requested 1. Please …")
+    assert (requests.limit_requests, requests.remaining_requests, requests.remaining_tokens) == (3, 0, None)
+    _, azure = parse_rate_limit_message("… have exceeded token rate limit of your current OpenAI S0 pricing tier.")
+    assert (azure.remaining_tokens, azure.limit_tokens, azure.remaining_requests) == (0, None, None)
+    _, daily = parse_rate_limit_message("on requests per day (RPD): Limit 200, Used 200")
+    assert daily == RateLimitHeaders()  # a daily limit is no per-minute bucket
+
+
+@pytest.mark.parametrize(
+    ("policy", "window"),
+    [
+        ("100;w=10", 10.0),
+        ('"default";q=100;w=1', 1.0),
+        ('"burst";q=20;w=1, "minute";q=1200;w=60', 1.0),
+        ("1200;w=60", None),
+        ("1000;w=86400", None),
+        ("garbage", None),
+    ],
+)
+def test_ratelimit_policy_gives_a_short_window(policy, window):
+    assert parse_rate_limit_headers({"ratelimit-policy": policy}).window == window

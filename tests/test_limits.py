@@ -2,6 +2,7 @@ import anyio
 import pytest
 
 from polytask import ConfigurationError, RateLimiter, RequestTooLargeError
+from polytask.chat import RateLimitHeaders
 from polytask.limits import TokenBucket
 from polytask.testing.clock import FakeClock
 
@@ -221,3 +222,62 @@ async def test_learned_tpm_shrink_fails_the_waiting_call_within_seconds_not_its_
     with pytest.raises(RequestTooLargeError):
         await limiter.acquire(30_000)  # a 30 s wait at the old limit
     assert clock.now() <= 5.0  # it looked again after at most 5 s
+
+
+async def _start_times(limiter, clock, calls, tokens=0):
+    """When each of ``calls`` concurrent acquisitions got through, in virtual seconds."""
+    times = []
+
+    async def one():
+        await limiter.acquire(tokens)
+        times.append(round(clock.now(), 6))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(calls):
+            tg.start_soon(one)
+    return times
+
+
+async def test_calls_waiting_on_a_pause_resume_paced_not_all_at_once():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, clock=clock, headroom=0)  # 10 a second; the bucket believes 600 are left
+    limiter.pause(2.0)  # a 429 asked to wait 2 s: the server's bucket is empty now
+    times = await _start_times(limiter, clock, 50)
+    # one goes as the pause ends, then one per 0.1 s: the server's refill, not a wave of 50 at 2.0 s
+    assert times[0] == pytest.approx(2.0)
+    assert times == pytest.approx([2.0 + 0.1 * i for i in range(50)])
+
+
+async def test_a_pause_empties_only_the_bucket_the_429_names():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=60_000, clock=clock, headroom=0)
+    limiter.pause(1.0, RateLimitHeaders(remaining_tokens=0))  # a TPM 429: requests were not the problem
+    assert limiter.requests.level(clock.now()) == 600
+    assert limiter.tokens.level(clock.now()) == pytest.approx(-1000)  # empty as the pause ends
+    limiter.pause(1.0, RateLimitHeaders(remaining_requests=0))
+    assert limiter.requests.level(clock.now()) == pytest.approx(1 - 10)
+
+
+async def test_a_short_window_caps_the_burst_and_keeps_the_rate():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, clock=clock, headroom=0, window=1)  # 10 at once, then 10 a second
+    assert limiter.rpm == 600 and limiter.requests.capacity == 10
+    times = await _start_times(limiter, clock, 30)
+    assert times[:10] == [0.0] * 10
+    assert times[10:] == pytest.approx([0.1 * i for i in range(1, 21)])
+
+
+async def test_a_short_window_is_learned_from_ratelimit_policy():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=1200, clock=clock, headroom=0)
+    limiter.observe(RateLimitHeaders(limit_requests=1200, remaining_requests=1199, window=1.0))
+    assert limiter.window == 1.0 and limiter.requests.capacity == 20 and limiter.rpm == 1200
+    told = RateLimiter(rpm=1200, clock=clock, headroom=0, window=10)
+    told.observe(RateLimitHeaders(window=1.0))
+    assert told.requests.capacity == 200  # a configured window is kept
+
+
+@pytest.mark.parametrize("window", [0, -1, 61, float("nan"), "10"])
+def test_a_bad_window_is_refused_by_name(window):
+    with pytest.raises(ConfigurationError, match="window"):
+        RateLimiter(rpm=60, window=window)  # type: ignore[arg-type]

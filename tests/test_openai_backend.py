@@ -309,3 +309,41 @@ async def test_a_200_that_is_not_a_chat_completion_names_what_came_back(backend_
     message = str(info.value)
     assert says in message and content_type in message and "NoneType" not in message
     assert content[:20].decode() in message and "--base-url" in message
+
+
+@pytest.mark.parametrize(
+    ("message", "wait", "limits"),
+    [
+        (
+            "Rate limit reached for m on tokens per min (TPM): Limit 30000, Used 29500, Requested 1200. Please try "
+            "again in 2.7s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            2.7,
+            pt.RateLimitHeaders(limit_tokens=30000, remaining_tokens=0),
+        ),
+        ("Rate limit reached. Please try again in 6m0s.", 360.0, None),
+        ("Please try again in 120ms.", 0.12, None),
+        (
+            "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded "
+            "call rate limit of your current OpenAI S0 pricing tier. Please retry after 17 seconds.",
+            17.0,
+            pt.RateLimitHeaders(remaining_requests=0),
+        ),
+    ],
+)
+async def test_a_429_with_the_wait_only_in_its_message_is_honoured(backend_for, message, wait, limits):
+    body = error_body(message, "rate_limit_exceeded", "requests")
+    backend = backend_for(lambda request: httpx2.Response(429, json=body))
+    with pytest.raises(pt.RateLimitError) as info:
+        await backend.complete(REQUEST)
+    assert info.value.retry_after == pytest.approx(wait)
+    assert info.value.rate_limits == limits
+
+
+async def test_a_429_header_wait_wins_over_its_message(backend_for):
+    body = error_body("Please try again in 20s.", "rate_limit_exceeded", "requests")
+    headers = {"retry-after-ms": "1500", "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0"}
+    backend = backend_for(lambda request: httpx2.Response(429, json=body, headers=headers))
+    with pytest.raises(pt.RateLimitError) as info:
+        await backend.complete(REQUEST)
+    assert info.value.retry_after == 1.5
+    assert info.value.rate_limits == pt.RateLimitHeaders(limit_requests=500, remaining_requests=0)

@@ -412,15 +412,17 @@ class Caller:
     def _failed(self, error: BaseException, probe: int) -> None:
         """Feed a failed call (``probe``: its probe number, 0 if it was none) to the limiter, the breaker and the
         concurrency controller."""
-        if self.limiter is not None:
-            self.limiter.observe(None)
+        if self.limiter is not None:  # a 429 states limits (headers or message): learn them; else just wake waiters
+            self.limiter.observe(error.rate_limits if isinstance(error, RateLimitError) else None)
         if isinstance(error, RateLimitError):
             self.stats.rate_limited += 1
             self.breaker.on_other(probe)
             if isinstance(error, QuotaExceededError):
                 return
-            if error.retry_after and self.limiter is not None and error.retry_after <= self.retry.max_retry_after:
-                self.limiter.pause(error.retry_after)  # a longer one is not waited: it stops the run (_retry_later)
+            wait = error.retry_after or 0.0
+            if self.limiter is not None and wait <= self.retry.max_retry_after:
+                # every call waits the pause out, then goes paced (a longer one stops the run: _retry_later)
+                self.limiter.pause(wait, error.rate_limits)
             known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()

@@ -48,6 +48,8 @@ class RateLimitHeaders:
         limit_requests, limit_tokens: the RPM / TPM limits the server applies.
         remaining_requests, remaining_tokens: what is left in the current window.
         reset_requests, reset_tokens: seconds until the bucket is full again.
+        window: the span, in seconds, over which the server enforces its per-minute limits when it says so
+            (``RateLimit-Policy: 100;w=10``: at most ``limit × window / 60`` at once), else None.
     """
 
     limit_requests: int | None = None
@@ -56,6 +58,7 @@ class RateLimitHeaders:
     remaining_tokens: int | None = None
     reset_requests: float | None = None
     reset_tokens: float | None = None
+    window: float | None = None
 
 
 @dataclass(slots=True)

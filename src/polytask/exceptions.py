@@ -46,6 +46,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar
 
+from .chat import RateLimitHeaders
+
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
@@ -317,9 +319,30 @@ class UnprocessableEntityError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: over the provider's RPM or TPM limit; ``retry_after`` says for how long, when the server said."""
+    """429: over the provider's RPM or TPM limit; ``retry_after`` says for how long, when the server said.
+
+    Attributes:
+        retry_after: seconds to wait, from the headers or, when they say nothing, from the message ("Please try
+            again in 2.7s", "retry after 17 seconds").
+        rate_limits: what the 429 says of the limits (:class:`~polytask.RateLimitHeaders`, from its ``x-ratelimit-*``
+            headers or its message: "on tokens per min (TPM): Limit 30000, Used 29500"), so the limiter can learn
+            the limit and which bucket ran out; None when it says nothing.
+    """
 
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 429,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        rate_limits: RateLimitHeaders | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, code=code, request_id=request_id, retry_after=retry_after)
+        self.rate_limits = rate_limits
 
 
 class QuotaExceededError(RateLimitError):

@@ -5,8 +5,10 @@ its per-minute limit, refills at ``limit / 60`` per second, and starts full (so 
 the limit: a full bucket, then a minute of refill — what the provider's own bucket admits, not a fixed window).
 A call reserves its estimated tokens (prompt estimate + ``max_tokens``, the formula OpenAI's limiter charges) before
 it is sent and settles after the response with the real prompt tokens. A 429 pauses the whole limiter for the time
-the server asked, so waiting calls are released one by one as capacity returns instead of all waking on the same
-Retry-After.
+the server asked and empties the bucket that ran out as of the pause's end, so the calls that waited are released at
+the refill rate instead of all waking on the same Retry-After into a second wave of 429s. A server that enforces its
+RPM over a short window (Azure OpenAI: 1 or 10 seconds) gets a requests bucket that holds only that window's share
+(``window``), so no burst it would refuse.
 
 Limits left unset are learned from the ``x-ratelimit-limit-*`` / ``-remaining-*`` headers of every response (configured
 limits cap what is learned): until the first response arrives only one call goes out, then each response creates or
@@ -30,7 +32,7 @@ from ._checks import check_positive
 from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
-__all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket"]
+__all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket", "check_window"]
 
 _RECHECK = 5.0  # seconds: the longest a waiting call sleeps before it looks at learned limits again
 
@@ -58,20 +60,27 @@ class MonotonicClock:
 
 
 class TokenBucket:
-    """A continuously refilling bucket of ``per_minute`` capacity that starts full.
+    """A continuously refilling bucket that refills ``per_minute`` units a minute and starts full.
 
-    The level may go below zero after :meth:`charge` (usage above the reservation is a debt repaid by refill).
+    It holds at most ``per_minute × window / 60`` units: the whole minute's limit by default, a short window's share
+    for a server that enforces its per-minute limit over 1 or 10 seconds (Azure OpenAI), so a full bucket's burst
+    is one the server admits. The level may go below zero after :meth:`charge` (usage above the reservation is a
+    debt repaid by refill).
 
     Args:
-        per_minute: capacity and refill per minute (requests or tokens); must be > 0.
+        per_minute: refill per minute (requests or tokens); must be > 0.
         now: the current clock reading, seconds.
+        window: the span, in seconds, the limit is enforced over (0 < window ≤ 60; default 60).
     """
 
-    def __init__(self, per_minute: float, now: float) -> None:
+    def __init__(self, per_minute: float, now: float, *, window: float = 60.0) -> None:
         if not per_minute > 0:
             raise ConfigurationError(f"a rate limit must be > 0 per minute, got {per_minute!r}")
-        self.capacity = float(per_minute)
-        self.rate = self.capacity / 60.0
+        check_window(window)
+        self.per_minute = float(per_minute)
+        self.window = float(window)
+        self.capacity = self.per_minute * self.window / 60.0
+        self.rate = self.per_minute / 60.0
         self._level = self.capacity
         self._at = now
 
@@ -92,16 +101,26 @@ class TokenBucket:
         """Take ``amount`` units (a negative amount gives units back, up to the capacity)."""
         self._level = min(self.capacity, self.level(now) - amount)
 
-    def resize(self, per_minute: float, now: float) -> None:
-        """Change the limit, keeping the units already used."""
+    def resize(self, per_minute: float, now: float, *, window: float | None = None) -> None:
+        """Change the limit (and the window, when given), keeping the units already used."""
         used = self.capacity - self.level(now)
-        self.capacity = float(per_minute)
-        self.rate = self.capacity / 60.0
+        self.per_minute = float(per_minute)
+        self.window = float(window) if window is not None else self.window
+        self.capacity = self.per_minute * self.window / 60.0
+        self.rate = self.per_minute / 60.0
         self._level = self.capacity - used
 
     def sync(self, remaining: float, now: float) -> None:
         """Lower the level to what the server says is ``remaining`` (never raises it)."""
         self._level = min(self.level(now), remaining)
+
+
+def check_window(window: float) -> None:
+    """Raise :class:`~polytask.ConfigurationError` unless ``window`` is a number of seconds in (0, 60]."""
+    if not (isinstance(window, int | float) and 0 < window <= 60):
+        raise ConfigurationError(
+            f"window must be the seconds a per-minute limit is enforced over, in (0, 60], got {window!r}"
+        )
 
 
 @dataclass(slots=True)
@@ -128,9 +147,15 @@ class RateLimiter:
         accounting: how a call's tokens are settled after its response. ``"max_tokens"`` (default): real prompt
             tokens + the call's ``max_tokens``, as OpenAI's limiter charges, so the client never runs ahead of the
             server; ``"usage"``: real prompt + completion tokens, for servers that charge what was generated.
+        window: the seconds over which the server enforces its RPM limit, in (0, 60]: the requests bucket holds at
+            most ``rpm × window / 60``, so the burst at the start (or after an idle spell) is one the server admits.
+            Azure OpenAI evaluates RPM over 1 or 10 seconds ("Understanding rate limits", Azure OpenAI docs); at
+            600 RPM and ``window=10``, 100 calls go at once, then 10 a second. The TPM bucket keeps the minute.
+            None (default): 60, or what a response's ``RateLimit-Policy`` header says.
 
     Raises:
-        ConfigurationError: a limit that is not a finite number > 0, a headroom outside [0, 1), an unknown accounting.
+        ConfigurationError: a limit that is not a finite number > 0, a headroom outside [0, 1), an unknown
+            accounting, a window outside (0, 60].
     """
 
     def __init__(
@@ -142,16 +167,21 @@ class RateLimiter:
         accounting: Literal["max_tokens", "usage"] = "max_tokens",
         learn: bool = False,
         headroom: float = 0.01,
+        window: float | None = None,
     ) -> None:
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
+        if window is not None:
+            check_window(window)
         if not 0 <= headroom < 1:
             raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
         if accounting not in ("max_tokens", "usage"):
             raise ConfigurationError(f"accounting must be 'max_tokens' or 'usage', got {accounting!r}")
         self.clock: Clock = clock or MonotonicClock()
         now = self.clock.now()
-        self.requests = TokenBucket(rpm, now) if rpm is not None else None
+        self._window = window  # configured: never changed by headers
+        self.window = window or 60.0
+        self.requests = TokenBucket(rpm, now, window=self.window) if rpm is not None else None
         self.tokens = TokenBucket(tpm, now) if tpm is not None else None
         self.accounting = accounting
         self._caps = (rpm, tpm)
@@ -165,15 +195,32 @@ class RateLimiter:
 
     @property
     def rpm(self) -> float | None:
-        return self.requests.capacity if self.requests else None
+        """The requests-per-minute limit in force (configured or learned), or None."""
+        return self.requests.per_minute if self.requests else None
 
     @property
     def tpm(self) -> float | None:
-        return self.tokens.capacity if self.tokens else None
+        """The tokens-per-minute limit in force (configured or learned), or None."""
+        return self.tokens.per_minute if self.tokens else None
 
-    def pause(self, seconds: float) -> None:
-        """Hold every acquisition for ``seconds`` from now (extends, never shortens, a pause in force)."""
-        self._paused_until = max(self._paused_until, self.clock.now() + max(0.0, seconds))
+    def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> None:
+        """Hold every acquisition for ``seconds`` from now (extends, never shortens, a pause in force), as a 429's
+        Retry-After asks.
+
+        The bucket that ran out (the one ``limits``, what the 429 said, reports with 0 remaining; both when it does
+        not say) is emptied as of the pause's end, so the calls that waited on the pause go out at the bucket's
+        refill rate when it ends, not all at once into a second wave of 429s.
+        """
+        seconds = max(0.0, seconds)
+        now = self.clock.now()
+        self._paused_until = max(self._paused_until, now + seconds)
+        said = limits is not None and (limits.remaining_requests == 0 or limits.remaining_tokens == 0)
+        for bucket, remaining, first in (
+            (self.requests, limits.remaining_requests if limits else None, 1.0),  # one call goes as the pause ends
+            (self.tokens, limits.remaining_tokens if limits else None, 0.0),
+        ):
+            if bucket is not None and (remaining == 0 or not said):
+                bucket.sync(first + self.headroom * bucket.capacity - seconds * bucket.rate, now)
 
     def wait_time(self, tokens: int) -> float:
         """Seconds until a call of ``tokens`` could start, ignoring calls already waiting."""
@@ -248,11 +295,16 @@ class RateLimiter:
         which still lets waiting calls go on after a failed first call)."""
         self._heard.set()
         self._wake.set()
-        if limits is None or not self.learning:
-            if limits is not None:
-                self._sync(limits)
+        if limits is None:
             return
         now = self.clock.now()
+        if limits.window is not None and self._window is None and limits.window != self.window:
+            self.window = limits.window  # the server enforces its RPM over a short window: so does the bucket
+            if self.requests is not None:
+                self.requests.resize(self.requests.per_minute, now, window=self.window)
+        if not self.learning:
+            self._sync(limits)
+            return
         for attr, limit, cap in (
             ("requests", limits.limit_requests, self._caps[0]),
             ("tokens", limits.limit_tokens, self._caps[1]),
@@ -262,8 +314,9 @@ class RateLimiter:
             capacity = min(limit, cap) if cap is not None else limit
             bucket: TokenBucket | None = getattr(self, attr)
             if bucket is None:
-                setattr(self, attr, TokenBucket(capacity, now))
-            elif bucket.capacity != capacity:
+                window = self.window if attr == "requests" else 60.0
+                setattr(self, attr, TokenBucket(capacity, now, window=window))
+            elif bucket.per_minute != capacity:
                 bucket.resize(capacity, now)
         self._sync(limits)
 

@@ -217,6 +217,9 @@ class Orchestrator:
         rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: its ``settings.rpm`` /
             ``settings.tpm``, else learned).
         limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
+        rate_window: the seconds over which the server enforces its RPM, in (0, 60] (Azure OpenAI: 1 or 10): the
+            limiter's requests bucket holds ``rpm × rate_window / 60``, so no opening burst the server refuses
+            (default: 60, or what the server's ``RateLimit-Policy`` header says; see :class:`~polytask.RateLimiter`).
         context_sentences: neighbouring sentences passed as context on each side (default 0).
         max_sentence_chars: sentences longer than this many characters are split (default 1,000).
         max_pending_documents: documents read ahead of the slowest unfinished one (default ``max(64, 2 ×
@@ -271,6 +274,7 @@ class Orchestrator:
         rpm: float | None = None,
         tpm: float | None = None,
         limiter: RateLimiter | None = None,
+        rate_window: float | None = None,
         context_sentences: int = 0,
         max_sentence_chars: int = 1000,
         max_pending_documents: int | None = None,
@@ -327,8 +331,10 @@ class Orchestrator:
         check_positive(where_tpm, tpm)
         check_positive("max_outage", max_outage)
         self.max_outage = max_outage
+        if limiter is not None and rate_window is not None:
+            raise ConfigurationError("rate_window applies to the limiter made here: pass window= to your RateLimiter")
         if limiter is None and (rpm is not None or tpm is not None or learn_limits):
-            limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits)
+            limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits, window=rate_window)
         self.limiter = limiter
         self.context_sentences = context_sentences
         self.max_sentence_chars = max_sentence_chars

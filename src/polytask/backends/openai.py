@@ -14,6 +14,7 @@ answered, here: a refused connection before that is a wrong base URL (:class:`~p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +28,11 @@ import openai
 
 from .. import exceptions as exc
 from .._checks import check_count, check_positive
-from .._headers import parse_rate_limit_headers, parse_retry_after
+from .._headers import parse_rate_limit_headers, parse_rate_limit_message, parse_retry_after
 from .._http import AiohttpClient, HTTPClient, Httpx2Client, async_library, translate_transport_errors
 from .._prompts import add_schema_to_system
 from .._version import __version__
-from ..chat import ChatRequest, ChatResponse
+from ..chat import ChatRequest, ChatResponse, RateLimitHeaders
 from ..costs import Prices, prices_for
 from ..exceptions import ConfigurationError
 from ._quirks import CapField, CapParam, StructuredMode, StructuredModes, may_be_capability, simpler_modes
@@ -461,10 +462,30 @@ class OpenAIBackend(SettingsAttributes):
         if status == 429:
             if kwargs["code"] == "insufficient_quota":
                 return exc.QuotaExceededError(message, **kwargs)
-            return exc.RateLimitError(message, **kwargs)
+            limits = _what_429_says(message, headers, kwargs)  # may set kwargs["retry_after"] from the message
+            return exc.RateLimitError(message, **kwargs, rate_limits=limits)
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
         return _BY_STATUS.get(status, exc.APIStatusError)(message, **kwargs)
+
+
+def _what_429_says(message: str, headers: Mapping[str, str], kwargs: dict[str, Any]) -> RateLimitHeaders | None:
+    """The limits a 429 states, from its ``x-ratelimit-*`` headers and, where they are silent, its message; sets
+    ``kwargs["retry_after"]`` from the message ("Please try again in 2.7s") when no header gave one."""
+    limits = parse_rate_limit_headers(headers)
+    wait, said = parse_rate_limit_message(message)
+    if kwargs["retry_after"] is None:
+        kwargs["retry_after"] = wait
+    merged = {
+        field.name: getattr(limits, field.name)
+        if getattr(limits, field.name) is not None
+        else getattr(said, field.name)
+        for field in dataclasses.fields(RateLimitHeaders)
+    }
+    for name in ("remaining_requests", "remaining_tokens"):  # the message names the limit that ran out for this call
+        if getattr(said, name) == 0:
+            merged[name] = 0
+    return RateLimitHeaders(**merged) if any(v is not None for v in merged.values()) else None
 
 
 def _what_came_back(status: int, headers: Mapping[str, str], content: bytes, data: Any) -> str:

@@ -68,6 +68,14 @@ def run(
     ] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
+    rate_window: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="The seconds the server enforces its RPM over (Azure OpenAI: 1 or 10), so the first burst is one it "
+            "admits (default: 60, or what its RateLimit-Policy header says).",
+        ),
+    ] = None,
     concurrency: Annotated[
         int | None, typer.Option(help="Most calls in flight (default 64; local: 2 × the batch size).")
     ] = None,
@@ -147,6 +155,7 @@ def run(
     check_numbers(
         rpm=rpm,
         tpm=tpm,
+        rate_window=rate_window,
         timeout=timeout,
         concurrency=concurrency,
         attempts=attempts,
@@ -203,6 +212,7 @@ def run(
                 max_concurrency=concurrency,
                 retry=RetryPolicy(attempts=attempts),
                 max_outage=max_outage or None,
+                rate_window=rate_window,
                 context_sentences=context,
                 cache=None if no_cache else (cache or default_cache_path()),
                 prices=prices,
@@ -256,6 +266,10 @@ def simulate(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit to enforce.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit to enforce.")] = None,
+    rpm_window: Annotated[
+        float,
+        typer.Option(metavar="SECONDS", help="Enforce the RPM over this many seconds (Azure OpenAI's 1 or 10)."),
+    ] = 60.0,
     latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
     oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
     faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
@@ -263,8 +277,10 @@ def simulate(
     """Serve the OpenAI-compatible simulator until Ctrl-C."""
     from ..testing import serve
 
+    check_numbers(rpm=rpm, tpm=tpm, rpm_window=rpm_window, latency=latency, faults=faults)
+    config = _options.simulator_config(rpm, tpm, latency, oracle, faults).model_copy(update={"rpm_window": rpm_window})
     try:
-        serve(_options.simulator_config(rpm, tpm, latency, oracle, faults), host, port)
+        serve(config, host, port)
     except OSError as error:  # a busy port, an address not on this machine
         fail(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port (or --host)")
 

@@ -57,7 +57,7 @@ def parse_tasks(specs: list[str] | None) -> list[Task[Any]]:
 
 def check_numbers(**values: float | None) -> None:
     """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
-    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget")
+    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget", "rate_window", "rpm_window")
     for name, value in values.items():
         if value is None:
             continue
@@ -67,9 +67,13 @@ def check_numbers(**values: float | None) -> None:
             fail(f"--{name.replace('_', '-')} must be greater than 0, got {value:g}")
         if not value >= 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {value:g}")
-    faults = values.get("simulate_faults") or 0
-    if faults > 1:
-        fail(f"--simulate-faults is a share of calls, from 0 to 1, got {faults:g}")
+    for name in ("rate_window", "rpm_window"):
+        window = values.get(name)
+        if window is not None and not 0 < window <= 60:
+            fail(f"--{name.replace('_', '-')} is the seconds an RPM limit is enforced over, in (0, 60], got {window:g}")
+    for name in ("simulate_faults", "faults"):
+        if (values.get(name) or 0) > 1:
+            fail(f"--{name.replace('_', '-')} is a share of calls, from 0 to 1, got {values[name]:g}")
 
 
 def check_prices(price_in: float | None, price_out: float | None) -> Prices | None:

@@ -98,6 +98,14 @@ class SimulatorConfig(BaseModel):
             one gets a 429 ``rate_limit_exceeded`` on requests per day (RPD) asking to wait
             ``daily_quota_retry_after``. None = no daily quota.
         daily_quota_retry_after: seconds a spent ``daily_quota`` asks the client to wait (``retry-after``).
+        rpm_window: the seconds over which ``rpm`` is enforced (Azure OpenAI evaluates RPM over 1 or 10 seconds): at
+            most ``rpm × rpm_window / 60`` requests at once, refilled at ``rpm / 60`` a second; 60 (default) is the
+            whole minute.
+        announce_window: send ``RateLimit-Policy: {burst};w={rpm_window}`` (the IETF draft's header) on every
+            response, so a client can learn the short window; only with ``rpm_window`` < 60.
+        rate_limit_headers: when False, no ``x-ratelimit-*``, ``retry-after`` or ``retry-after-ms`` header on any
+            response: a 429 says how long to wait only in its message ("Please try again in 1.2s"), as some gateways
+            do.
         gold_path: a gold JSON Lines file for oracle answers (see :mod:`polytask.testing.oracle`), or None.
     """
 
@@ -119,6 +127,9 @@ class SimulatorConfig(BaseModel):
     max_concurrency: int | None = Field(default=None, gt=0)
     daily_quota: int | None = Field(default=None, ge=0)
     daily_quota_retry_after: float = Field(default=86_400.0, ge=0)
+    rpm_window: float = Field(default=60.0, gt=0, le=60)
+    announce_window: bool = False
+    rate_limit_headers: bool = True
     gold_path: Path | None = None
 
 

@@ -69,13 +69,24 @@ class ServerRateLimiter:
         rpm: requests per minute, or None for no limit.
         tpm: tokens per minute, or None for no limit.
         clock: monotonic seconds.
+        rpm_window: the seconds over which ``rpm`` is enforced: the requests bucket holds ``rpm × rpm_window / 60``.
+        announce_window: add ``ratelimit-policy: {burst};w={rpm_window}`` to the headers (with a window < 60 s).
     """
 
-    def __init__(self, rpm: float | None, tpm: float | None, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        clock: Clock = time.monotonic,
+        *,
+        rpm_window: float = 60.0,
+        announce_window: bool = False,
+    ) -> None:
         self.clock = clock
         now = clock()
-        self.requests = TokenBucket(rpm, now) if rpm else None
+        self.requests = TokenBucket(rpm, now, window=rpm_window) if rpm else None
         self.tokens = TokenBucket(tpm, now) if tpm else None
+        self.announce_window = announce_window and rpm_window < 60
 
     def _reset_time(self, bucket: TokenBucket) -> float:
         """Seconds until ``bucket`` is full again."""
@@ -87,9 +98,11 @@ class ServerRateLimiter:
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
             if bucket is None:
                 continue
-            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.per_minute))
             out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(bucket.level(self.clock()))))
             out[f"x-ratelimit-reset-{name}"] = format_duration(self._reset_time(bucket))
+        if self.announce_window and self.requests is not None:
+            out["ratelimit-policy"] = f"{int(self.requests.capacity)};w={self.requests.window:g}"
         return out
 
     def check(self, tokens: int, model: str) -> Decision:
@@ -115,9 +128,9 @@ class ServerRateLimiter:
                         "successfully. Visit https://platform.openai.com/account/rate-limits to learn more."
                     )
                 else:
-                    used = max(0, math.ceil(bucket.capacity - bucket.level(now)))
+                    used = max(0, math.ceil(bucket.per_minute - bucket.level(now)))
                     message = (
-                        f"Rate limit reached for {model} on {unit}: Limit {int(bucket.capacity)}, Used {used}, "
+                        f"Rate limit reached for {model} on {unit}: Limit {int(bucket.per_minute)}, Used {used}, "
                         f"Requested {amount}. Please try again in {format_duration(wait)}. Visit "
                         "https://platform.openai.com/account/rate-limits to learn more."
                     )

@@ -60,6 +60,9 @@ _BAD_GATEWAY_HTML = (
 )
 
 
+_RATE_LIMIT_HEADERS = ("x-ratelimit-", "retry-after", "ratelimit-")
+
+
 def _error(
     status: int,
     message: str,
@@ -101,7 +104,13 @@ class Simulator:
     def __init__(self, config: SimulatorConfig | None = None, *, clock: Clock = time.monotonic) -> None:
         self.config = config or SimulatorConfig()
         self.stats = SimulatorStats()
-        self.limiter = ServerRateLimiter(self.config.rpm, self.config.tpm, clock)
+        self.limiter = ServerRateLimiter(
+            self.config.rpm,
+            self.config.tpm,
+            clock,
+            rpm_window=self.config.rpm_window,
+            announce_window=self.config.announce_window,
+        )
         self.gold = GoldIndex(self.config.gold_path) if self.config.gold_path else None
         self.base_url: str | None = None
         self._fault_rng = random.Random(self.config.seed)
@@ -191,6 +200,9 @@ class Simulator:
         try:
             outcome, response = await self._handle(request, drawn)
             stats.count(outcome)
+            if not self.config.rate_limit_headers:  # the wait is only in a 429's message
+                for name in [n for n in response.headers if n.lower().startswith(_RATE_LIMIT_HEADERS)]:
+                    del response.headers[name]
             return response
         except asyncio.CancelledError:  # the client went away (a timeout during latency or a hang)
             stats.count(drawn[0] if drawn else "cancelled")
