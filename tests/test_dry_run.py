@@ -69,3 +69,15 @@ def test_a_dry_run_prices_the_calls_it_would_make():
               "--price-in", "0.15", "--price-out", "0.6"], catch_exceptions=False,
     )  # fmt: skip
     assert out.exit_code == 0 and value(out.output, "cost").startswith("≈ $0.0")
+
+
+def test_a_dry_run_against_openai_needs_no_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    source, out = EXAMPLES / "sample.jsonl", tmp_path / "out.jsonl"
+    args = ["run", str(source), "-o", str(out), "--model", "gpt-4o-mini", "--rpm", "500", "--no-progress"]
+    dry = runner.invoke(app, [*args, "--dry-run"], catch_exceptions=False)
+    assert dry.exit_code == 0, dry.output
+    assert "no call was made" in dry.output and value(dry.output, "cost").startswith("≈ $")  # genai-prices knows it
+    real = runner.invoke(app, args, catch_exceptions=False)  # the real run still needs one, and says so
+    assert real.exit_code == 2 and "no API key" in real.output

@@ -200,7 +200,7 @@ def run(
                 f"polytask-simulator seed={config.seed} oracle={simulate_oracle.resolve() if simulate_oracle else ''}"
             )
         try:
-            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout, identity)
+            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout, identity, dry_run=dry_run)
         except KeyboardInterrupt:
             why, code = signals.interruption()
             err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)

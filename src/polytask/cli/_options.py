@@ -4,6 +4,7 @@ naming it): the tasks, the numbers, the prices, the paths, and the backend (or t
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,12 @@ def make_backend(
     tpm: float | None,
     timeout: float,
     cache_identity: str | None = None,
+    *,
+    dry_run: bool = False,
 ) -> Backend:
     """The backend ``--backend`` names (a local model loads here); ``cache_identity``: see
-    :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not)."""
+    :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not).
+    A dry run sends nothing, so it needs no API key."""
     try:
         if kind == "openai":
             from ..backends.openai import OpenAIBackend
@@ -137,6 +141,7 @@ def make_backend(
                 tpm=tpm,
                 timeout=timeout,
                 cache_identity=cache_identity,
+                api_key="not-needed-for-a-dry-run" if dry_run and not os.environ.get("OPENAI_API_KEY") else None,
             )
         if kind == "local":
             from ..backends.transformers import TransformersBackend
