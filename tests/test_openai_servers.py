@@ -95,16 +95,6 @@ async def test_refused_before_any_answer_is_tried_twice_more_then_a_configuratio
     await backend.aclose()
 
 
-async def test_credentials_in_the_url_are_not_shown(monkeypatch):
-    monkeypatch.setattr("polytask.backends.openai._UNREACHABLE_RETRIES", ())
-    url = f"http://user:secret-pass@127.0.0.1:{free_port()}/v1"
-    backend = pt.OpenAIBackend("m", base_url=url, api_key=KEY, http="httpx2")
-    with pytest.raises(pt.ServerUnreachableError) as info:
-        await backend.complete(REQUEST)
-    assert "secret-pass" not in str(info.value) and info.value.base_url == url.replace("user:secret-pass@", "***@")
-    await backend.aclose()
-
-
 async def test_a_server_starting_at_that_moment_is_not_a_configuration_error(monkeypatch):
     monkeypatch.setattr("polytask.backends.openai._UNREACHABLE_RETRIES", (0.0, 0.0))
     tries = []
@@ -366,3 +356,11 @@ def test_an_unknown_max_tokens_param_or_mode_is_a_configuration_error():
         pt.OpenAIBackend("m", base_url="http://x/v1", max_tokens_param="max_new_tokens")
     with pytest.raises(pt.ConfigurationError, match="structured_outputs must be"):
         pt.OpenAIBackend("m", base_url="http://x/v1", structured_outputs="grammar")
+
+
+def test_credentials_in_the_base_url_are_refused_without_showing_them():
+    with pytest.raises(pt.ConfigurationError) as info:
+        pt.OpenAIBackend("m", base_url="http://alice:s3cret-pass@127.0.0.1:9/v1", api_key="sk-test-123456")
+    message = str(info.value)
+    assert "http://***@127.0.0.1:9/v1" in message and "credentials" in message
+    assert "s3cret" not in message and "alice" not in message

@@ -112,7 +112,8 @@ class OpenAIBackend(SettingsAttributes):
     :class:`~polytask.APIConnectionError` (a server restarting).
 
     Raises:
-        ConfigurationError: no API key for OpenAI's own endpoint, an unknown ``http`` or ``max_tokens_param``, or
+        ConfigurationError: no API key for OpenAI's own endpoint, credentials in ``base_url`` (``user:pass@``), an
+            unknown ``http`` or ``max_tokens_param``, or
             a bad number (the message names it); from a call, ``http="aiohttp"`` used under trio.
     """
 
@@ -149,6 +150,14 @@ class OpenAIBackend(SettingsAttributes):
                     "no API key: set OPENAI_API_KEY (or pass api_key=), or point base_url at a server that needs none"
                 )
             api_key = "not-needed"
+        if base_url is not None and "@" in urlsplit(base_url).netloc:
+            parts = urlsplit(base_url)
+            shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+            raise ConfigurationError(  # never the credentials themselves: they are a secret
+                f"base_url {shown} carries credentials (user:password@): polytask sends the API key as a Bearer "
+                "Authorization header, which cannot go with them; take them out of the URL and pass the key as "
+                "api_key (or OPENAI_API_KEY)"
+            )
         if http is not None and http not in ("aiohttp", "httpx2", "sdk"):
             raise ConfigurationError(f"http must be 'aiohttp', 'httpx2' or 'sdk', got {http!r}")
         if max_tokens_param not in ("auto", "max_completion_tokens", "max_tokens"):
