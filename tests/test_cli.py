@@ -599,3 +599,27 @@ def test_the_bar_moves_with_pairs_and_fits_80_columns():
     console.print(reporter.bar.get_renderable())
     (line,) = [re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", x) for x in console.file.getvalue().splitlines() if x.strip()]
     assert len(line) <= 80 and "12345/318000" in line and "45,678 pairs" in line and "…" not in line
+
+
+def test_structured_outputs_and_the_cap_field_can_be_fixed_from_the_cli(tmp_path, monkeypatch):
+    import polytask.backends.openai as openai_backend
+
+    made = []
+
+    class Spy(openai_backend.OpenAIBackend):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(openai_backend, "OpenAIBackend", Spy)
+    out = tmp_path / "out.jsonl"
+    args = [DATA / "oracle_sample.jsonl", "-o", out, "--simulate", "-t", "sentiment"]
+    fixed = run_cli(*args, "--structured-outputs", "json_object", "--max-tokens-param", "max_tokens")
+    assert fixed.exit_code == 0, fixed.output
+    assert [(b.mode, b.max_tokens_field) for b in made] == [("json_object", "max_tokens")]
+    bad = run_cli(*args, "--max-tokens-param", "max_new_tokens")
+    assert (
+        bad.exit_code == 2 and "--max-tokens-param must be one of auto, max_completion_tokens, max_tokens" in bad.output
+    )
+    local = run_cli(*args[:3], "--backend", "local", "--structured-outputs", "none")
+    assert local.exit_code == 2 and "--structured-outputs" in local.output

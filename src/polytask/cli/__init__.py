@@ -68,6 +68,20 @@ def run(
     ] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
+    structured_outputs: Annotated[
+        str,
+        typer.Option(
+            help="json_schema | json_object | none: the response_format to start with (openai; a server that "
+            "refuses one falls back to the next on its own).",
+        ),
+    ] = "json_schema",
+    max_tokens_param: Annotated[
+        str,
+        typer.Option(
+            help="auto | max_completion_tokens | max_tokens: the field the completion cap is sent in (openai; auto "
+            "switches to max_tokens when the server ignores the other).",
+        ),
+    ] = "auto",
     rate_window: Annotated[
         float | None,
         typer.Option(
@@ -168,6 +182,12 @@ def run(
         price_out=price_out,
         budget=budget,
     )
+    for flag, value, allowed in (
+        ("--structured-outputs", structured_outputs, ("json_schema", "json_object", "none")),
+        ("--max-tokens-param", max_tokens_param, ("auto", "max_completion_tokens", "max_tokens")),
+    ):
+        if value not in allowed:
+            fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     prices = check_prices(price_in, price_out)
     simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
     if backend == "local":
@@ -177,6 +197,9 @@ def run(
                 "--rpm": rpm,
                 "--tpm": tpm,
                 "--timeout": timeout != 60.0 or None,
+                "--structured-outputs": structured_outputs if structured_outputs != "json_schema" else None,
+                "--max-tokens-param": max_tokens_param if max_tokens_param != "auto" else None,
+                "--rate-window": rate_window,
                 "--simulate": simulate or None,
                 "--simulate-oracle": simulate_oracle,
                 "--simulate-faults": simulate_faults or None,
@@ -200,7 +223,18 @@ def run(
                 f"polytask-simulator seed={config.seed} oracle={simulate_oracle.resolve() if simulate_oracle else ''}"
             )
         try:
-            the_backend = _options.make_backend(backend, model, base_url, rpm, tpm, timeout, identity, dry_run=dry_run)
+            the_backend = _options.make_backend(
+                backend,
+                model,
+                base_url,
+                rpm,
+                tpm,
+                timeout,
+                identity,
+                dry_run=dry_run,
+                structured_outputs=structured_outputs,
+                max_tokens_param=max_tokens_param,
+            )
         except KeyboardInterrupt:
             why, code = signals.interruption()
             err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)

@@ -126,6 +126,8 @@ def make_backend(
     cache_identity: str | None = None,
     *,
     dry_run: bool = False,
+    structured_outputs: str = "json_schema",
+    max_tokens_param: str = "auto",
 ) -> Backend:
     """The backend ``--backend`` names (a local model loads here); ``cache_identity``: see
     :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not).
@@ -141,6 +143,8 @@ def make_backend(
                 tpm=tpm,
                 timeout=timeout,
                 cache_identity=cache_identity,
+                structured_outputs=structured_outputs,  # type: ignore[arg-type]  # checked by the backend
+                max_tokens_param=max_tokens_param,  # type: ignore[arg-type]
                 api_key="not-needed-for-a-dry-run" if dry_run and not os.environ.get("OPENAI_API_KEY") else None,
             )
         if kind == "local":
