@@ -364,7 +364,7 @@ def test_a_server_down_for_max_outage_exits_2_and_0_never_stops(tmp_path, monkey
     def dead(request):
         raise pt.ServerError("boom", status_code=500)
 
-    monkeypatch.setattr(cli, "make_backend", lambda *args: FunctionBackend(dead))
+    monkeypatch.setattr(cli, "make_backend", lambda *args, **kwargs: FunctionBackend(dead))
     monkeypatch.setattr(CircuitBreaker, "outage", lambda self: 1000.0)  # down for 1,000 s already
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f'{{"id": "d{i}", "text": "Doc {i}."}}\n' for i in range(5)))

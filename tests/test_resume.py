@@ -23,7 +23,7 @@ class Server:
         self.budget = budget
         self.calls = 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         def answer(request):
             self.calls += 1
             if self.calls > self.budget:
