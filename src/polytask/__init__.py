@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._analyze import analyze, analyze_sync
 from ._version import __version__
 from .backends.base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .backends.function import FunctionBackend
@@ -37,6 +38,7 @@ from .exceptions import (
     BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
+    DeadlineExceededError,
     InputError,
     LengthLimitError,
     MalformedResponseError,
@@ -94,6 +96,7 @@ __all__ = [
     "Classify",
     "Clock",
     "ConfigurationError",
+    "DeadlineExceededError",
     "Document",
     "DocumentEntities",
     "DocumentLabels",
@@ -137,6 +140,8 @@ __all__ = [
     "UnprocessableEntityError",
     "Usage",
     "__version__",
+    "analyze",
+    "analyze_sync",
     "prices_for",
     "run_sync",
     "segment",

@@ -114,11 +114,18 @@ class Flight:
         scope: the cancel scope the question runs in (whoever calls ``ask`` enters it around the call).
         sending: a request of the question is at the backend now (set by the caller around ``backend.complete``).
         stopped_by: why the run stopped (named in the pair's error), once :meth:`stop` was called; else None.
+        expired: :meth:`expire` was called: the caller's deadline passed.
     """
 
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     sending: bool = False
     stopped_by: str | None = None
+    expired: bool = False
+
+    def expire(self) -> None:
+        """The caller's deadline passed: end the question at once, a request at the server included."""
+        self.expired = True
+        self.scope.cancel()
 
     def stop(self, why: str) -> None:
         """The run stopped (``why``: what stopped it): end the question at once, or after its answer arrives."""

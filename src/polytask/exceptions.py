@@ -9,6 +9,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── InputError                  a bad input document; names the line / field
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
     ├── RunStopped                  a pair not done because the run stopped (quota, a rejected key, …)
+    ├── DeadlineExceededError       a pair not done by the caller's ``deadline``: its call was cancelled
     ├── BudgetExceededError         the next call could take the run past its budget (USD): stops the run
     ├── BackendError                the call did not produce an answer
     │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
@@ -175,6 +176,12 @@ class RequestTooLargeError(PolytaskError):
 
 class RunStopped(PolytaskError):
     """A pair was not sent because the run stopped (a 429 ``insufficient_quota``, a 401); the work done is kept."""
+
+
+class DeadlineExceededError(PolytaskError):
+    """A pair was not done by the caller's ``deadline`` (:meth:`~polytask.Orchestrator.process`,
+    :func:`~polytask.analyze`): its call was cancelled (a request at the server included, so the answer is not
+    waited for) and the document came back partial, with what finished."""
 
 
 class BudgetExceededError(PolytaskError):

@@ -47,6 +47,7 @@ from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence
 from .dry_run import DryRun, Planner
 from .exceptions import (
     ConfigurationError,
+    DeadlineExceededError,
     InputError,
     PolytaskError,
     RunStopped,
@@ -117,6 +118,15 @@ class _Job:
     input_error: Exception | None = None  # a bad document, or what reading / segmenting the input raised
     stop_reading: bool = False
     calls: set[Flight] = field(default_factory=set)  # the pairs' calls still running
+    deadline: float | None = None  # seconds, when the caller gave one and it has passed: pairs end DeadlineExceeded
+
+    def expire(self, deadline: float) -> None:
+        """The caller's deadline (``deadline`` seconds) passed: every pair not done ends at once with
+        :class:`~polytask.DeadlineExceededError`, its call cancelled even at the server; the documents come back
+        partial, and the run does not raise."""
+        self.deadline = deadline
+        for flight in list(self.calls):
+            flight.expire()
 
     def stop(self, error: BaseException) -> None:
         """No later call could succeed (``error``): read no more, end every call still waiting (in a retry's backoff,
@@ -127,6 +137,10 @@ class _Job:
         why = type(self.fatal).__name__
         for flight in self.calls:
             flight.stop(why)
+
+
+def _late(deadline: float | None) -> str:
+    return f"the caller's deadline of {deadline:g} s passed"
 
 
 def _coerce(item: Any, position: int) -> Document:
@@ -473,11 +487,28 @@ class Orchestrator:
             As :meth:`stream` does; the error then carries the documents finished before it, in input order, as its
             ``results`` attribute (a stopped run loses nothing that was done).
         """
+        return await self._collect(documents)
+
+    async def _collect(
+        self, documents: Iterable[DocumentInput] | AsyncIterable[DocumentInput], deadline: float | None = None
+    ) -> list[DocumentResult]:
+        """:meth:`run`, with the caller's ``deadline`` in seconds (None: none)."""
         send, receive = anyio.create_memory_object_stream[tuple[int, DocumentResult]](math.inf)
         job = _Job(out=send, pending=anyio.Semaphore(self.max_pending_documents))
         results: dict[int, DocumentResult] = {}
+
+        async def expire_at_deadline(seconds: float) -> None:
+            await self.clock.sleep(seconds)
+            job.expire(seconds)
+
         async with send, receive:
-            await self._run_job(documents, job)
+            if deadline is None:
+                await self._run_job(documents, job)
+            else:
+                async with anyio.create_task_group() as timer:
+                    timer.start_soon(expire_at_deadline, deadline)
+                    await self._run_job(documents, job)
+                    timer.cancel_scope.cancel()
             send.close()
             async for position, result in receive:
                 results[position] = result
@@ -524,9 +555,20 @@ class Orchestrator:
             result.rpm, result.tpm = self.limiter.rpm, self.limiter.tpm
         return result
 
-    async def process(self, document: DocumentInput) -> DocumentResult:
-        """One document's result. Cancellation-safe: cancelling the caller cancels its calls and nothing else."""
-        return (await self.run([document]))[0]
+    async def process(self, document: DocumentInput, *, deadline: float | None = None) -> DocumentResult:
+        """One document's result. Cancellation-safe: cancelling the caller cancels its calls and nothing else.
+
+        Args:
+            document: a :data:`DocumentInput`.
+            deadline: seconds (on the orchestrator's clock) after which the result comes back with what finished:
+                every pair not done by then ends :class:`~polytask.DeadlineExceededError` (its call cancelled, a
+                request at the server included) and the result is ``partial``; None (default): no deadline.
+
+        Raises:
+            As :meth:`run` does; ConfigurationError: a deadline that is not a number > 0.
+        """
+        check_positive("deadline", deadline)
+        return (await self._collect([document], deadline))[0]
 
     # -- the job -----------------------------------------------------------------------------------------------
 
@@ -595,6 +637,8 @@ class Orchestrator:
                     result = self._failed(
                         pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0
                     )
+                elif job.deadline is not None:
+                    result = self._failed(pair, DeadlineExceededError(f"not sent: {_late(job.deadline)}"), 0)
                 else:
                     result = await self._run_pair(pair, job)
                 state.pairs[(pair.sentence.index, pair.task.name)] = result
@@ -667,6 +711,8 @@ class Orchestrator:
                     )
                 finally:
                     job.calls.discard(flight)
+            if flight.scope.cancelled_caught and flight.expired:  # the caller's deadline passed
+                return self._failed(pair, DeadlineExceededError(f"cancelled: {_late(job.deadline)}"), attempts)
             if flight.scope.cancelled_caught:  # the run stopped while this call was waiting
                 stopped = RunStopped(f"not completed: the run stopped ({type(job.fatal).__name__})")
                 return self._failed(pair, stopped, attempts)
