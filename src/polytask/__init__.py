@@ -71,6 +71,7 @@ from .tasks import (
     Sentiment,
     Task,
 )
+from .traces import CallEvent, JsonlTrace
 
 if TYPE_CHECKING:
     from .backends.transformers import TransformersBackend
@@ -90,6 +91,7 @@ __all__ = [
     "BadRequestError",
     "Budget",
     "BudgetExceededError",
+    "CallEvent",
     "ChatRequest",
     "ChatResponse",
     "CircuitOpenError",
@@ -108,6 +110,7 @@ __all__ = [
     "ErrorInfo",
     "FunctionBackend",
     "InputError",
+    "JsonlTrace",
     "LengthLimitError",
     "MalformedResponseError",
     "ModelNotFoundError",

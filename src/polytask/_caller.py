@@ -56,6 +56,7 @@ from .exceptions import (
 from .limits import Clock, RateLimiter
 from .retry import RetryPolicy
 from .tasks.base import Task
+from .traces import CallEvent, Status
 
 __all__ = ["Answer", "CallStats", "Caller", "Flight"]
 
@@ -98,6 +99,34 @@ class AskError(Exception):
         self.error = error
         self.attempts = attempts
         self.reasked = reasked
+
+
+@dataclass
+class _Question:
+    """What one question's call events say of it; ``pending``: the event of the attempt whose answer is being
+    validated (its status is known only then)."""
+
+    emit: Callable[[CallEvent], None]
+    document_id: str
+    sentence: int | None
+    task: str
+    model: str
+    attempt: int = 0
+    pending: CallEvent | None = None
+
+    def event(self, status: Status, started_at: float, **fields: Any) -> CallEvent:
+        return CallEvent(
+            self.document_id, self.sentence, self.task, self.attempt, status, started_at, model=self.model, **fields
+        )
+
+    def settle(self, status: Status, error: BaseException | None = None) -> None:
+        """Emit the pending attempt's event with the status its answer's validation gave."""
+        event, self.pending = self.pending, None
+        if event is not None:
+            event.status = status
+            if error is not None:
+                event.error_type, event.error = type(error).__name__, str(error)[:300]
+            self.emit(event)
 
 
 @dataclass(eq=False)
@@ -211,11 +240,15 @@ class Caller:
         on_retry: Callable[[BaseException], None] | None = None,
         *,
         flight: Flight | None = None,
+        sentence: int | None = None,
+        on_call: Callable[[CallEvent], None] | None = None,
     ) -> Answer:
         """A validated answer to ``messages`` for ``task``; ``on_attempt`` is called as each attempt is sent,
         ``on_retry`` with the error of each failed attempt that will be retried; ``flight``: how the question may be
         stopped (see :class:`Flight`; the caller of ``ask`` enters its ``scope``). Every response's tokens and cost
-        are added to ``usage`` as it arrives (an answer from the cache adds nothing).
+        are added to ``usage`` as it arrives (an answer from the cache adds nothing). ``on_call`` gets a
+        :class:`~polytask.traces.CallEvent` per attempt (and per answer from the cache), ``sentence`` and ``label``
+        (the document id) naming where it belongs.
 
         Raises:
             AskError: wrapping the polytask error the question ended with, and the attempts made:
@@ -238,30 +271,49 @@ class Caller:
                     pass
                 else:
                     self.stats.cache_hits += 1
+                    if on_call is not None:
+                        on_call(
+                            CallEvent(
+                                label, sentence, task.name, 0, "cached", self.wall_clock(), model=self.backend.name
+                            )
+                        )
                     return Answer(value, 0, False)
+        question = _Question(on_call, label, sentence, task.name, self.backend.name) if on_call is not None else None
 
         def count() -> None:
             nonlocal attempts
             attempts += 1
+            if question is not None:
+                question.attempt = attempts
             if on_attempt is not None:
                 on_attempt()
 
         try:
-            response = await self._call(task, messages, usage, count, label, on_retry, flight)
+            response = await self._call(task, messages, usage, count, label, on_retry, flight, question)
             try:
                 value, content = self._validated(task, response.content or "")
             except ValidationError as error:
+                if question is not None:
+                    invalid = AnswerValidationError(
+                        f"invalid answer, re-asked: {_short(error)}", content=response.content or ""
+                    )
+                    question.settle("invalid", invalid)
                 flight.check(f"not re-asked after an invalid answer ({_short(error)})", error)
                 reasked = True
                 self.stats.reasks += 1
                 again = reask_messages(messages, response.content or "", _short(error))
-                response = await self._call(task, again, usage, count, label, on_retry, flight)
+                response = await self._call(task, again, usage, count, label, on_retry, flight, question)
                 try:
                     value, content = self._validated(task, response.content or "")
                 except ValidationError as error2:
-                    raise AnswerValidationError(
+                    invalid = AnswerValidationError(
                         f"invalid answer after one re-ask: {_short(error2)}", content=response.content or ""
-                    ) from None
+                    )
+                    if question is not None:
+                        question.settle("invalid", invalid)
+                    raise invalid from None
+            if question is not None:
+                question.settle("ok")
             if key is not None and self.cache is not None:  # under the question's own key, re-asked or not
                 self.cache.put(key, content, response.prompt_tokens, response.completion_tokens)
         except Exception as error:
@@ -295,6 +347,7 @@ class Caller:
         label: str,
         retrying: Callable[[BaseException], None] | None = None,
         flight: Flight | None = None,
+        question: _Question | None = None,
     ) -> ChatResponse:
         flight = flight or Flight()
         raw = self.estimator.raw(messages)
@@ -323,10 +376,12 @@ class Caller:
         async def sent(req: ChatRequest, probe: int) -> ChatResponse:
             nonlocal full
             slots = self.concurrency.limiter
+            began, wall = self.clock.now(), self.wall_clock()
             try:
                 slots.acquire_nowait()  # no scheduling round trip when a slot is free and nobody waits
             except anyio.WouldBlock:
                 await slots.acquire()
+            queued = self.clock.now()
             try:
                 hold = self._reserve(req)  # before the rate limiter: a call over budget takes no TPM budget
                 try:
@@ -336,11 +391,27 @@ class Caller:
                     self.stats.requests += 1
                     usage.requests += 1
                     flight.sending = True
+                    sending = self.clock.now()
                     try:
                         response = await self.backend.complete(req)
                     except BaseException as error:
                         self._failed(error, probe)
                         later = self._retry_later(error)
+                        if question is not None and isinstance(error, Exception):
+                            question.emit(
+                                question.event(
+                                    "error",
+                                    wall,
+                                    queue_wait=queued - began,
+                                    rate_limit_wait=sending - queued,
+                                    latency=self.clock.now() - sending,
+                                    http_status=getattr(error, "status_code", None),
+                                    error_type=type(later or error).__name__,
+                                    error=str(error)[:300],
+                                    request_id=getattr(error, "request_id", None),
+                                    retry_after=getattr(error, "retry_after", None),
+                                )
+                            )
                         if later is not None:
                             raise later from error
                         raise
@@ -353,6 +424,20 @@ class Caller:
             finally:
                 slots.release()
             cost = self._cost(response)
+            if question is not None:
+                question.pending = question.event(
+                    "ok",
+                    wall,
+                    queue_wait=queued - began,
+                    rate_limit_wait=sending - queued,
+                    latency=response.latency or self.clock.now() - sending,
+                    prompt_tokens=response.prompt_tokens,
+                    completion_tokens=response.completion_tokens,
+                    cached_tokens=response.cached_tokens,
+                    cost=cost,
+                    http_status=200,
+                    request_id=response.request_id,
+                )
             if hold is not None and self.spending is not None:
                 self.spending.settle(hold, cost)
             self._succeeded(response, cost)
@@ -369,15 +454,26 @@ class Caller:
             self.estimator.observe(raw, response.prompt_tokens)
             if response.finish_reason == "length":
                 if req.max_tokens < task.max_tokens:
+                    if question is not None:
+                        cut = LengthLimitError(
+                            f"cut off at the learned max_tokens={req.max_tokens}; asked again in full"
+                        )
+                        question.settle("error", cut)
                     flight.check(f"not asked again in full after an answer cut off at max_tokens={req.max_tokens}")
                     full = True  # the learned cap was too small for this answer: not the answer's fault
                     return await attempt()
                 after = f"after {response.completion_tokens} tokens " if response.completion_tokens else ""
-                raise LengthLimitError(
+                length = LengthLimitError(
                     f"the answer was cut off {after}(max_tokens={req.max_tokens})", content=response.content
                 )
+                if question is not None:
+                    question.settle("error", length)
+                raise length
             if response.refusal:
-                raise RefusalError(response.refusal)
+                refusal = RefusalError(response.refusal)
+                if question is not None:
+                    question.settle("error", refusal)
+                raise refusal
             budget.observe(response.completion_tokens)
             return response
 

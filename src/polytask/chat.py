@@ -74,6 +74,8 @@ class ChatResponse:
         latency: seconds from sending the request to the full response.
         cached_tokens: the part of ``prompt_tokens`` the server served from its prompt cache
             (``usage.prompt_tokens_details.cached_tokens``; 0 when it reported none), priced lower.
+        request_id: the server's id of the request (``x-request-id``, else the completion's ``id``), what a
+            provider's support asks for; None when there is none.
     """
 
     content: str | None
@@ -84,3 +86,4 @@ class ChatResponse:
     rate_limits: RateLimitHeaders = field(default_factory=RateLimitHeaders)
     latency: float = 0.0
     cached_tokens: int = 0
+    request_id: str | None = None

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ from .limits import Clock, MonotonicClock, RateLimiter
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks.base import Task
+from .traces import CallEvent, call_hook, otel_tracer
 
 __all__ = ["DocumentInput", "Orchestrator", "RunStats", "run_sync"]
 
@@ -94,6 +96,7 @@ class _DocState:
     pairs: dict[tuple[int, str], PairResult] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     started: float | None = None
+    events: list[CallEvent] = field(default_factory=list)  # its calls', kept for its OpenTelemetry spans
 
     @property
     def total(self) -> int:
@@ -263,6 +266,12 @@ class Orchestrator:
             the run stops with :class:`~polytask.BudgetExceededError` (every finished document kept). Needs prices.
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
+        on_call: called with a :class:`~polytask.traces.CallEvent` as each call attempt ends (and for each answer
+            from the cache): document, sentence, task, attempt, waits, latency, tokens, cost, status, error, request
+            id, Retry-After (e.g. a :class:`~polytask.traces.JsonlTrace`, or your metrics). What it raises is logged.
+        on_document: called with each :class:`~polytask.DocumentResult` as it is finished. What it raises is logged.
+            With ``opentelemetry-api`` installed (the ``otel`` extra), each document also becomes a span with a child
+            span per call (see :mod:`polytask.traces`).
 
     Use it as an async context manager; ``stream`` needs it, ``run`` and ``process`` work either way (without it,
     ``await orch.aclose()`` at the end closes the backend's connections)::
@@ -302,6 +311,8 @@ class Orchestrator:
         cache: RequestCache | str | os.PathLike[str] | None = None,
         prices: Prices | None = None,
         budget: float | Budget | None = None,
+        on_call: Callable[[CallEvent], None] | None = None,
+        on_document: Callable[[DocumentResult], None] | None = None,
     ) -> None:
         tasks = list(tasks)
         if not tasks:
@@ -378,6 +389,9 @@ class Orchestrator:
             spending=budget,
         )
         self.close_backend = close_backend
+        self.on_call = on_call
+        self.on_document = on_document
+        self._otel = otel_tracer()
         self._tg: TaskGroup | None = None
 
     async def aclose(self) -> None:
@@ -707,7 +721,15 @@ class Orchestrator:
                 job.calls.add(flight)
                 try:
                     answer = await self.caller.ask(
-                        task, messages, usage, state.document.id, on_attempt=count, on_retry=outage, flight=flight
+                        task,
+                        messages,
+                        usage,
+                        state.document.id,
+                        on_attempt=count,
+                        on_retry=outage,
+                        flight=flight,
+                        sentence=sentence.index,
+                        on_call=self._call_events(state),
                     )
                 finally:
                     job.calls.discard(flight)
@@ -738,6 +760,42 @@ class Orchestrator:
             reasked=answer.reasked,
         )
 
+    def _call_events(self, state: _DocState) -> Callable[[CallEvent], None] | None:
+        """Where a pair's call events go: the ``on_call`` hook, and the document's list for its OpenTelemetry spans."""
+        spans = self._otel is not None and self._otel.enabled()
+        if self.on_call is None and not spans:
+            return None  # nobody listens: no event is made
+
+        def record(event: CallEvent) -> None:
+            if spans:
+                state.events.append(event)
+            call_hook(self.on_call, event, "on_call")
+
+        return record
+
+    def _traced(self, state: _DocState, result: DocumentResult, now: float) -> None:
+        """The finished document to the ``on_document`` hook and, with OpenTelemetry, as spans."""
+        call_hook(self.on_document, result, "on_document")
+        if self._otel is None or not self._otel.enabled():
+            return
+        ended = time.time()
+        try:
+            self._otel.document(
+                result.id,
+                state.events,
+                ended - (now - state.started) if state.started is not None else ended,
+                ended,
+                sentences=len(result.sentences),
+                pairs=len(result.pairs),
+                partial=result.partial,
+                prompt_tokens=result.usage.prompt_tokens,
+                completion_tokens=result.usage.completion_tokens,
+                cost_usd=result.usage.cost,
+            )
+        except Exception:  # a tracer's failure must not lose the document
+            logger.exception("recording the OpenTelemetry spans of document %s failed", result.id)
+        state.events = []
+
     async def _finish(self, state: _DocState, job: _Job) -> None:
         pairs = [state.pairs[(s.index, t.name)] for s in state.sentences for t in self.tasks]
         results: dict[str, Any] = {}
@@ -764,6 +822,7 @@ class Orchestrator:
         )
         self.stats.documents_done += 1
         self.stats.documents_partial += int(partial)
+        self._traced(state, result, now)
         job.pending.release()
         await job.out.send((state.position, result))
 

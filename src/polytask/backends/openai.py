@@ -409,6 +409,7 @@ class OpenAIBackend(SettingsAttributes):
                 cached_tokens=cached if isinstance(cached, int) else 0,
                 rate_limits=parse_rate_limit_headers(headers),
                 latency=latency,
+                request_id=headers.get("x-request-id") or (str(data["id"]) if data.get("id") else None),
             )
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
             raise exc.MalformedResponseError(f"not a chat completion: {type(error).__name__}: {error}"[:500]) from None

@@ -29,7 +29,16 @@ from . import _options
 from ._exits import err, fail, show_warnings, signals
 from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
-from ._options import TASK_HELP, check_local, check_numbers, check_paths, check_prices, parse_task, parse_tasks
+from ._options import (
+    TASK_HELP,
+    check_local,
+    check_numbers,
+    check_paths,
+    check_prices,
+    open_trace,
+    parse_task,
+    parse_tasks,
+)
 from ._run import Progress, dry_run_table, write_file, write_stdout
 
 __all__ = ["app", "main", "parse_task"]
@@ -139,6 +148,14 @@ def run(
         ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the request cache.")] = False,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PATH",
+            help="Write one JSON line per call attempt here: document, sentence, task, attempt, status, waits, "
+            "latency, tokens, cost, HTTP status, error, request id, Retry-After.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -251,6 +268,7 @@ def run(
                 cache=None if no_cache else (cache or default_cache_path()),
                 prices=prices,
                 budget=budget,
+                on_call=stack.enter_context(open_trace(trace)) if trace is not None and not dry_run else None,
             )
         except PolytaskError as error:
             fail(str(error))

@@ -169,3 +169,16 @@ def simulator_config(rpm: float | None, tpm: float | None, latency: float, oracl
         gold_path=oracle,
         faults=FaultRates(rate_limit=share, server_error=share, unavailable=share, reset=share),
     )
+
+
+def open_trace(path: Path) -> Any:
+    """The ``--trace`` file, opened (a :class:`~polytask.traces.JsonlTrace`, closed by the caller's ``with``).
+
+    Exits 2 (usage error) when it cannot be written: a missing folder, a directory, no permission.
+    """
+    from ..traces import JsonlTrace
+
+    try:
+        return JsonlTrace(path)
+    except OSError as error:
+        fail(f"--trace {path}: cannot write it ({error.strerror or error})")
