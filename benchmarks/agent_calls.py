@@ -10,6 +10,14 @@ setting: milliseconds per sequential ``process()`` (two sentences), seconds for 
 
 ``--compare`` runs the same measurement under another checkout's ``src`` in a subprocess, then this one, one after
 the other, and prints the ratios (e.g. ``git worktree add /tmp/old <commit>``). Figures in BENCHMARKS.md.
+
+``--turns 100`` measures agent turns instead: 100 concurrent turns, each analysing one short document (sentiment
+and entities) with ``pt.analyze`` against the simulator (latency 0.1 s) under an RPM limit it enforces over 1 s
+(``--rpm 3000``: 50 at once, then 50 a second), side by side: one shared orchestrator for every turn (told the
+RPM and the window) against each turn building its own (told the same, so each thinks the whole limit is its own).
+Prints per contender the 429s the server sent, p50 / p99 seconds per turn, and the wall time::
+
+    PYTHONPATH=src python benchmarks/agent_calls.py --turns 100
 """
 
 from __future__ import annotations
@@ -55,12 +63,70 @@ def measure(n: int) -> dict[str, dict[str, float]]:
     return anyio.run(main)
 
 
+def turns(n: int, rpm: float) -> list[list[object]]:
+    """``n`` concurrent agent turns through ``pt.analyze``: shared orchestrator vs one per turn (see the module doc)."""
+    import statistics
+
+    import polytask as pt
+    from polytask.testing import Simulator, SimulatorConfig
+
+    texts = [f"Agent turn {i}: Ada Lovelace wrote to Babbage from London." for i in range(n)]
+
+    async def contender(shared: bool) -> list[object]:
+        config = SimulatorConfig(rpm=rpm, rpm_window=1, latency=0.1, seed=1)
+        async with Simulator(config) as sim:
+
+            def backend() -> pt.OpenAIBackend:
+                return pt.OpenAIBackend("sim-model", base_url=sim.base_url, api_key="sk-bench", rpm=rpm)
+
+            orch = pt.Orchestrator(backend(), [pt.Sentiment(), pt.Entities()], rate_window=1) if shared else None
+            times: list[float] = []
+            failed = 0
+
+            async def turn(text: str) -> None:
+                nonlocal failed
+                t = time.perf_counter()
+                if orch is not None:
+                    result = await pt.analyze(text, orchestrator=orch)
+                else:
+                    async with pt.Orchestrator(backend(), [pt.Sentiment(), pt.Entities()], rate_window=1) as own:
+                        result = await pt.analyze(text, orchestrator=own)
+                times.append(time.perf_counter() - t)
+                failed += result.partial
+
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for text in texts:
+                    tg.start_soon(turn, text)
+            wall = time.perf_counter() - started
+            if orch is not None:
+                await orch.aclose()
+            limited = sim.stats.outcomes.get("rate_limited", 0)
+        p99 = statistics.quantiles(times, n=100)[98] if len(times) > 1 else times[0]
+        label = "one shared orchestrator" if shared else "an orchestrator per turn"
+        return [label, n, failed, limited, statistics.median(times), p99, wall]
+
+    async def both() -> list[list[object]]:
+        return [await contender(True), await contender(False)]
+
+    return anyio.run(both)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="concurrent process() calls")
+    parser.add_argument("--turns", type=int, default=0, help="measure this many concurrent agent turns instead")
+    parser.add_argument("--rpm", type=float, default=3000, help="the simulator's RPM (--turns), enforced over 1 s")
     parser.add_argument("--compare", help="another checkout's src folder, measured first in a subprocess")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.turns:
+        rows = turns(args.turns, args.rpm)
+        print(f"{args.turns} agent turns, 2 calls each, server RPM {args.rpm:g} over 1 s, latency 0.1 s")
+        print(f"{'contender':<26} {'turns':>5} {'partial':>7} {'429s':>5} {'p50 s':>6} {'p99 s':>6} {'wall s':>6}")
+        for label, n, failed, limited, p50, p99, wall in rows:
+            print(f"{label:<26} {n:>5} {failed:>7} {limited:>5} {p50:>6.2f} {p99:>6.2f} {wall:>6.2f}")
+        return
     if args.json:
         print(json.dumps(measure(args.calls)))
         return

@@ -121,3 +121,18 @@ def test_ideal_schedules() -> None:
     # Two slots, latencies 1, 1, 2 and one fault (re-sent at once): list scheduling.
     draws = [(None, 1.0), ("server_error", 1.0), (None, 2.0), (None, 1.0)]
     assert _bench.ideal_concurrency_schedule(draws, 3, 2) == pytest.approx(3.0)
+
+
+def test_pause_wave_and_agent_turns_run_in_process() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import agent_calls
+        import pause_wave
+
+        rows = pause_wave.main(["--calls", "20", "--rpm", "6000", "--latency", "0.01"])
+        assert len(rows) == 8 and all(row[1] + row[2] == 20 for row in rows)  # every call answered or failed
+        assert [row[4] for row in rows if str(row[0]).startswith(("known", "learned"))] == [0, 0, 0]
+        shared, own = agent_calls.turns(10, 6000)
+        assert shared[:3] == ["one shared orchestrator", 10, 0] and own[1] == 10
+    finally:
+        sys.path.remove(str(BENCH))
