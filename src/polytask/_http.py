@@ -1,7 +1,8 @@
 """The HTTP clients the OpenAI backend posts through, and the one place transport errors become polytask's.
 
-Two lean clients do one thing, POST a JSON body and hand back ``(status, headers, body bytes)``; ``timeout`` is per
-request, in seconds, enforced by the library:
+Two lean clients do one thing, POST a JSON body and hand back ``(status, headers, body bytes)`` (``post``), or, for a
+streamed answer (``post_stream``), a 2xx ``text/event-stream`` read to its ``data: [DONE]`` as :class:`ServerEvents`;
+``timeout`` is per request, in seconds, enforced by the library:
 
 - :class:`AiohttpClient` (the default under asyncio): measured ≈ 2,000 requests/s per core here, against ≈ 300–500
   for httpx2 and ≈ 150–220 for the openai SDK's own request path (BENCHMARKS.md); aiohttp runs on asyncio only;
@@ -27,15 +28,25 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
+import anyio
 import httpx2
 import openai
 
 from .exceptions import APIConnectionError, APITimeoutError, BackendClosedError, ConfigurationError
 
-__all__ = ["AiohttpClient", "HTTPClient", "Httpx2Client", "async_library", "translate_transport_errors"]
+__all__ = [
+    "AiohttpClient",
+    "HTTPClient",
+    "Httpx2Client",
+    "ServerEvents",
+    "async_library",
+    "is_event_stream",
+    "translate_transport_errors",
+]
 
 # aiohttp raises asyncio's TimeoutError, which is the builtin one on 3.11+; the openai SDK wraps httpx2's errors in
 # its own (the original is the ``__cause__``), and its APITimeoutError is an APIConnectionError
@@ -99,6 +110,72 @@ def async_library() -> str | None:
     return None if loop is None else "asyncio" if isinstance(loop, asyncio.AbstractEventLoop) else "trio"
 
 
+_DRAIN_AFTER_DONE = 1.0
+"""Seconds the rest of a stream's body (its end, right after ``data: [DONE]``) is read for before the connection is
+let go instead of kept for the next call (a server that holds the stream open after it)."""
+
+
+@dataclass(slots=True)
+class ServerEvents:
+    """A ``text/event-stream`` body, read until ``data: [DONE]`` or until it ended.
+
+    Attributes:
+        data: each event's ``data`` (its ``data:`` lines joined by newlines), in order, ``[DONE]`` left out.
+        done: ``data: [DONE]`` arrived (nothing after it is read).
+        broken: the body ended inside a line (the connection closed mid-event); that part line is left out.
+    """
+
+    data: list[str] = field(default_factory=list)
+    done: bool = False
+    broken: bool = False
+    _pending: list[str] = field(default_factory=list, repr=False)
+    _rest: bytes = field(default=b"", repr=False)
+
+    def feed(self, piece: bytes) -> bool:
+        """Take the next bytes of the body; True once ``data: [DONE]`` has arrived (read no further)."""
+        buffer = self._rest + piece if self._rest else piece
+        start = 0
+        while not self.done:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            self._line(buffer[start:end].rstrip(b"\r").decode("utf-8", "replace"))
+            start = end + 1
+        self._rest = b"" if self.done else buffer[start:]
+        return self.done
+
+    def end(self) -> ServerEvents:
+        """The body has ended: an event whose lines all arrived counts (no blank line after it is needed), a line
+        cut off sets ``broken``."""
+        if not self.done:
+            self.broken = bool(self._rest.strip())
+            self._line("")
+        self._rest = b""
+        return self
+
+    def _line(self, line: str) -> None:
+        if not line:  # the blank line that ends an event
+            if self._pending:
+                self.data.append("\n".join(self._pending))
+                self._pending = []
+            return
+        name, _, value = line.partition(":")
+        if name != "data":  # a comment (": keep-alive"), event:, id:, retry:
+            return
+        value = value[1:] if value.startswith(" ") else value
+        if value.strip() == "[DONE]":  # ends the stream, with or without the blank line before it
+            self._line("")
+            self.done = True
+        else:
+            self._pending.append(value)
+
+
+def is_event_stream(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether a response is a stream of server-sent events: a 2xx with ``Content-Type: text/event-stream``."""
+    kind = headers.get("content-type") or headers.get("Content-Type") or ""
+    return 200 <= status < 300 and kind.split(";")[0].strip().lower() == "text/event-stream"
+
+
 class HTTPClient(Protocol):
     async def post(
         self,
@@ -108,6 +185,18 @@ class HTTPClient(Protocol):
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes]:
         """POST ``body``; return the status, headers (case-insensitive) and body. ``timeout`` in seconds."""
+        ...
+
+    async def post_stream(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[int, Mapping[str, str], bytes | ServerEvents]:
+        """POST ``body`` asking for a stream; return the status, headers and, for a 2xx ``text/event-stream``, its
+        :class:`ServerEvents` read to ``[DONE]`` (or to its end), else the body as ``post`` does (an error status,
+        or a server that answered in one piece). ``timeout`` in seconds."""
         ...
 
     async def aclose(self) -> None: ...
@@ -156,6 +245,29 @@ class AiohttpClient:
         with translate_transport_errors(timeout):
             async with session.post(url, data=body, headers=headers, timeout=limit) as response:
                 return response.status, response.headers, await response.read()
+
+    async def post_stream(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[int, Mapping[str, str], bytes | ServerEvents]:
+        session = self._open()
+        limit = self._timeouts.get(timeout)
+        if limit is None:
+            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        with translate_transport_errors(timeout):
+            async with session.post(url, data=body, headers=headers, timeout=limit) as response:
+                if not is_event_stream(response.status, response.headers):
+                    return response.status, response.headers, await response.read()
+                events = ServerEvents()
+                async for piece in response.content.iter_any():
+                    if events.feed(piece):
+                        with anyio.move_on_after(_DRAIN_AFTER_DONE):  # the body's end: the connection is kept
+                            await response.read()
+                        break
+                return response.status, response.headers, events.end()
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -219,6 +331,28 @@ class Httpx2Client:
         with translate_transport_errors(timeout):
             response = await client.post(url, content=body, headers=dict(headers), timeout=timeout)
         return response.status_code, response.headers, response.content
+
+    async def post_stream(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[int, Mapping[str, str], bytes | ServerEvents]:
+        client = self.reopen()
+        with translate_transport_errors(timeout):
+            async with client.stream("POST", url, content=body, headers=dict(headers), timeout=timeout) as response:
+                if not is_event_stream(response.status_code, response.headers):
+                    return response.status_code, response.headers, await response.aread()
+                events = ServerEvents()
+                async with contextlib.aclosing(response.aiter_bytes()) as pieces:
+                    async for piece in pieces:
+                        if events.feed(piece):
+                            with anyio.move_on_after(_DRAIN_AFTER_DONE):  # the body's end: the connection is kept
+                                async for _ in pieces:
+                                    pass
+                            break
+                return response.status_code, response.headers, events.end()
 
     @property
     def loop_changed(self) -> bool:

@@ -29,13 +29,22 @@ import openai
 from .. import exceptions as exc
 from .._checks import check_count, check_positive
 from .._headers import parse_rate_limit_headers, parse_rate_limit_message, parse_retry_after
-from .._http import AiohttpClient, HTTPClient, Httpx2Client, async_library, translate_transport_errors
+from .._http import (
+    AiohttpClient,
+    HTTPClient,
+    Httpx2Client,
+    ServerEvents,
+    async_library,
+    is_event_stream,
+    translate_transport_errors,
+)
 from .._prompts import add_schema_to_system
 from .._version import __version__
 from ..chat import ChatRequest, ChatResponse, RateLimitHeaders
 from ..costs import Prices, prices_for
 from ..exceptions import ConfigurationError
 from ._quirks import CapField, CapParam, StructuredMode, StructuredModes, may_be_capability, simpler_modes
+from ._stream import StreamedCompletion
 from .base import BackendSettings, SettingsAttributes
 
 if TYPE_CHECKING:
@@ -101,6 +110,20 @@ class OpenAIBackend(SettingsAttributes):
         prices: what its tokens cost, USD per million tokens (default: genai-prices' for ``model`` at ``base_url``,
             via :func:`~polytask.costs.prices_for`; None there, for a model or server it does not know, leaves the
             cost unknown). ``settings.prices`` holds them.
+        stream: ask for each answer as a stream of server-sent events (``"stream": true`` with
+            ``"stream_options": {"include_usage": true}``; default False), on every ``http`` path (the SDK path
+            through the SDK's own streaming). The pieces of ``delta.content`` (and ``delta.refusal``) are joined
+            and the answer is returned whole once the stream ends (``data: [DONE]``): nothing is parsed before.
+            ``finish_reason`` is the last a chunk gave, the tokens those of the final chunk's ``usage`` (0 where
+            the server sent none), ``request_id`` the ``x-request-id`` header or else the chunks' ``id``, and
+            ``latency`` the seconds to the last chunk. A stream cut off before ``[DONE]`` and before any
+            ``finish_reason`` (the connection closed, or its last chunk is not whole JSON) raises
+            :class:`~polytask.APIConnectionError`, retried as a reset connection is, never read as an answer; an
+            ``{"error": …}`` chunk raises the error of its ``code`` (a status; else a retried
+            :class:`~polytask.ServerError`). An error status before the stream starts is the same error as
+            without ``stream``, and a server that ignores ``stream`` and answers one JSON completion is read as
+            one. ``timeout`` bounds the whole stream under aiohttp, and each wait for the next piece under httpx2
+            and the SDK.
 
     ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
     is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
@@ -113,7 +136,7 @@ class OpenAIBackend(SettingsAttributes):
 
     Raises:
         ConfigurationError: no API key for OpenAI's own endpoint, credentials in ``base_url`` (``user:pass@``), an
-            unknown ``http`` or ``max_tokens_param``, or
+            unknown ``http`` or ``max_tokens_param``, a ``stream`` that is not a bool, or
             a bad number (the message names it); from a call, ``http="aiohttp"`` used under trio.
     """
 
@@ -136,6 +159,7 @@ class OpenAIBackend(SettingsAttributes):
         extra_body: dict[str, Any] | None = None,
         cache_identity: str | None = None,
         prices: Prices | None = None,
+        stream: bool = False,
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (api_key or os.environ.get("OPENAI_API_KEY") or "").strip() or None
@@ -168,6 +192,8 @@ class OpenAIBackend(SettingsAttributes):
             raise ConfigurationError(
                 f"structured_outputs must be 'json_schema', 'json_object' or 'none', got {structured_outputs!r}"
             )
+        if not isinstance(stream, bool):
+            raise ConfigurationError(f"stream must be True or False, got {stream!r}")
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
         check_positive("timeout", timeout, allow_none=False)
@@ -181,6 +207,7 @@ class OpenAIBackend(SettingsAttributes):
         self.max_tokens_param: CapParam = max_tokens_param
         self.http: HTTPMode | None = http  # None: chosen per call by the running async library
         self.timeout = timeout
+        self.stream = stream
         self.base_url = (base_url or _DEFAULT_BASE_URL).rstrip("/")
         self._cap = CapField(max_tokens_param, self.base_url)
         self._answered = False  # the server has answered (any status) at least once
@@ -375,6 +402,9 @@ class OpenAIBackend(SettingsAttributes):
             body["messages"] = add_schema_to_system(request.messages, request.json_schema)
             if mode == "json_object":
                 body["response_format"] = {"type": "json_object"}
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         body.update(self._extra_body)
         return body
 
@@ -386,13 +416,22 @@ class OpenAIBackend(SettingsAttributes):
             status, headers, data = await self._send_sdk(body)
         else:
             payload = json.dumps(body, ensure_ascii=False).encode()
-            status, headers, content = await self._lean_client().post(self._url, self._headers, payload, self.timeout)
+            client = self._lean_client()
+            sent: bytes | ServerEvents
+            if self.stream:
+                status, headers, sent = await client.post_stream(self._url, self._headers, payload, self.timeout)
+            else:
+                status, headers, sent = await client.post(self._url, self._headers, payload, self.timeout)
             self._answered = True
-            data = _json(content)
-            if status >= 400:
-                raise self._status_error(status, data if data is not None else content, headers)
-            if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
-                raise exc.MalformedResponseError(self._redact(_what_came_back(status, headers, content, data)))
+            if isinstance(sent, ServerEvents):  # a 2xx text/event-stream, read to its end
+                data = self._joined(sent, headers)
+            else:
+                content = sent
+                data = _json(content)
+                if status >= 400:
+                    raise self._status_error(status, data if data is not None else content, headers)
+                if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
+                    raise exc.MalformedResponseError(self._redact(_what_came_back(status, headers, content, data)))
         latency = time.perf_counter() - started
         try:
             choice = data["choices"][0]
@@ -429,10 +468,13 @@ class OpenAIBackend(SettingsAttributes):
             self._sdk = self._new_sdk()  # made anew, as the other clients are
         else:
             self._transport.reopen()  # notes the event loop it is used in
-        fields = {k: v for k, v in body.items() if k in ("model", "messages", "temperature", "response_format")}
+        named = ("model", "messages", "temperature", "response_format", "stream", "stream_options")
+        fields = {k: v for k, v in body.items() if k in named}
         extra = {k: v for k, v in body.items() if k not in fields}
         with translate_transport_errors(self.timeout, redact=self._redact):
             try:
+                if fields.get("stream") is True:
+                    return await self._stream_sdk(fields, extra)
                 raw = await self._sdk.chat.completions.with_raw_response.create(**fields, extra_body=extra)
                 self._answered = True
                 content = raw.http_response.content
@@ -447,6 +489,81 @@ class OpenAIBackend(SettingsAttributes):
                 raise self._status_error(error.status_code, error.body, error.response.headers) from None
             except (openai.APIResponseValidationError, ValueError) as error:
                 raise exc.MalformedResponseError(self._redact(f"invalid response body: {error}"[:500])) from None
+
+    async def _stream_sdk(self, fields: dict[str, Any], extra: dict[str, Any]) -> tuple[int, Mapping[str, str], Any]:
+        """The SDK's own streaming (``create(..., stream=True)``): its chunks joined; inside ``_send_sdk``'s
+        translation of transport and status errors."""
+        assert self._sdk is not None
+        stream = await self._sdk.chat.completions.create(**fields, extra_body=extra)
+        self._answered = True
+        response = stream.response
+        status, headers = response.status_code, response.headers
+        try:
+            if not is_event_stream(status, headers):  # a server that ignores "stream": one JSON completion
+                content = await response.aread()
+                data = _json(content)
+                if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
+                    raise exc.MalformedResponseError(self._redact(_what_came_back(status, headers, content, data)))
+                return status, headers, data
+            joined = StreamedCompletion()
+            try:
+                async for chunk in stream:
+                    joined.add(chunk.model_dump())
+            except openai.APIConnectionError:
+                raise  # translated by translate_transport_errors
+            except openai.APIError as error:  # an {"error": …} chunk
+                raise self._stream_error(error.body, error.message, headers) from None
+            except ValueError as error:  # a chunk that is not JSON: the SDK stops at it
+                raise self._cut_off(joined, f"a chunk that is not JSON ({error})") from None
+            if not joined.finished:  # the SDK ends quietly on a body that ends without [DONE]
+                raise self._cut_off(joined, "the stream ended before any finish_reason")
+            return status, headers, joined.completion()
+        finally:
+            await stream.close()
+
+    def _joined(self, events: ServerEvents, headers: Mapping[str, str]) -> dict[str, Any]:
+        """The ``chat.completion`` a stream's chunks stand for (lean path).
+
+        Raises:
+            APIConnectionError: the stream was cut off: it ended before ``[DONE]`` and before any ``finish_reason``,
+                or its last chunk is not whole JSON.
+            MalformedResponseError: a chunk before the last is not JSON, a chunk is not a chunk, or no chunk came.
+            APIStatusError: an ``{"error": …}`` chunk (see :meth:`_stream_error`).
+        """
+        joined = StreamedCompletion()
+        last = len(events.data) - 1
+        for i, text in enumerate(events.data):
+            try:
+                chunk = json.loads(text)
+            except ValueError:
+                if i == last and not events.done:
+                    raise self._cut_off(joined, f"its last chunk is not whole JSON: {text[:80]!r}") from None
+                raise exc.MalformedResponseError(
+                    self._redact(f"a streamed chunk that is not JSON: {text[:200]!r}")
+                ) from None
+            if isinstance(chunk, dict) and chunk.get("error"):
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                raise self._stream_error(error, str(message or error), headers)
+            joined.add(chunk)
+        if not events.done and (events.broken or not joined.finished):
+            why = "the connection closed mid-chunk" if events.broken else "it ended before [DONE] or a finish_reason"
+            raise self._cut_off(joined, why)
+        if joined.chunks == 0:
+            raise exc.MalformedResponseError("a stream with no chunk before [DONE]")
+        return joined.completion()
+
+    @staticmethod
+    def _cut_off(joined: StreamedCompletion, why: str) -> exc.APIConnectionError:
+        return exc.APIConnectionError(f"stream cut off after {joined.chunks} chunk(s): {why}"[:500], connected=True)
+
+    def _stream_error(self, error: Any, message: str, headers: Mapping[str, str]) -> exc.APIStatusError:
+        """The error an ``{"error": …}`` chunk stands for: that of its ``code`` when it is an HTTP status (vLLM's),
+        else a server error (500)."""
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
+        body = {"error": {**(error if isinstance(error, dict) else {}), "message": f"error in the stream: {message}"}}
+        return self._status_error(status, body, headers)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if len(self._secret) >= 8 else text

@@ -91,6 +91,14 @@ def run(
             "switches to max_tokens when the server ignores the other).",
         ),
     ] = "auto",
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Ask for each answer as a stream of server-sent events (openai), read whole before it is parsed; a "
+            "stream cut off mid-way is retried.",
+        ),
+    ] = False,
     rate_window: Annotated[
         float | None,
         typer.Option(
@@ -216,6 +224,7 @@ def run(
                 "--timeout": timeout != 60.0 or None,
                 "--structured-outputs": structured_outputs if structured_outputs != "json_schema" else None,
                 "--max-tokens-param": max_tokens_param if max_tokens_param != "auto" else None,
+                "--stream": stream or None,
                 "--rate-window": rate_window,
                 "--simulate": simulate or None,
                 "--simulate-oracle": simulate_oracle,
@@ -251,6 +260,7 @@ def run(
                 dry_run=dry_run,
                 structured_outputs=structured_outputs,
                 max_tokens_param=max_tokens_param,
+                stream=stream,
             )
         except KeyboardInterrupt:
             why, code = signals.interruption()

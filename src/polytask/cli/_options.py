@@ -128,6 +128,7 @@ def make_backend(
     dry_run: bool = False,
     structured_outputs: str = "json_schema",
     max_tokens_param: str = "auto",
+    stream: bool = False,
 ) -> Backend:
     """The backend ``--backend`` names (a local model loads here); ``cache_identity``: see
     :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not).
@@ -145,6 +146,7 @@ def make_backend(
                 cache_identity=cache_identity,
                 structured_outputs=structured_outputs,  # type: ignore[arg-type]  # checked by the backend
                 max_tokens_param=max_tokens_param,  # type: ignore[arg-type]
+                stream=stream,
                 api_key="not-needed-for-a-dry-run" if dry_run and not os.environ.get("OPENAI_API_KEY") else None,
             )
         if kind == "local":

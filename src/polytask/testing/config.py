@@ -22,6 +22,7 @@ FAULT_KINDS = (
     "refusal",
     "invalid_answer",
     "loose_answer",
+    "cut_stream",
 )
 """Fault names, in the order a request's random draw is matched against their rates."""
 
@@ -46,6 +47,9 @@ class FaultRates(BaseModel):
         loose_answer: 200 with a valid answer written loosely, as servers without structured outputs do: in a code
             fence, inside prose, or with enum values in another case (see
             :func:`~polytask.testing.schema_fill.loosen_answer`).
+        cut_stream: 200, then the connection is aborted mid-answer: a streamed answer (``"stream": true``) after
+            its role chunk and half its content pieces, before any ``finish_reason`` or ``[DONE]``; any other after
+            half its body (a ``Content-Length`` it never reaches).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,6 +66,7 @@ class FaultRates(BaseModel):
     refusal: float = Field(default=0.0, ge=0, le=1)
     invalid_answer: float = Field(default=0.0, ge=0, le=1)
     loose_answer: float = Field(default=0.0, ge=0, le=1)
+    cut_stream: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sum_at_most_one(self) -> Self:

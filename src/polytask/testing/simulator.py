@@ -6,7 +6,10 @@ Endpoints (each also without the ``/v1`` prefix):
   ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` or ``{"type": "json_object"}``,
   ``max_tokens`` / ``max_completion_tokens`` (the latter read first, unless ``reads_max_completion_tokens`` is
   False), ``temperature``) → a ``chat.completion`` object whose content is compact JSON valid for the schema,
-  deterministic per (seed, sentence).
+  deterministic per (seed, sentence). With ``"stream": true`` the same answer comes as server-sent events: a
+  ``chat.completion.chunk`` with the role, the content (or the refusal) in a few pieces, one with the
+  ``finish_reason``, a last one with no choices and the ``usage`` when ``stream_options.include_usage`` is true, then
+  ``data: [DONE]``.
 * ``GET /v1/models`` — the one configured model.
 * ``GET /stats`` — :class:`SimulatorStats` as JSON.
 
@@ -30,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from http import HTTPStatus
 from typing import Any, Self
 
@@ -200,15 +203,19 @@ class Simulator:
         try:
             outcome, response = await self._handle(request, drawn)
             stats.count(outcome)
-            if not self.config.rate_limit_headers:  # the wait is only in a 429's message
-                for name in [n for n in response.headers if n.lower().startswith(_RATE_LIMIT_HEADERS)]:
-                    del response.headers[name]
+            if not response.prepared:  # a stream has sent its headers already (stripped before)
+                self._strip_rate_limit_headers(response.headers)
             return response
         except asyncio.CancelledError:  # the client went away (a timeout during latency or a hang)
             stats.count(drawn[0] if drawn else "cancelled")
             raise
         finally:
             stats.in_flight -= 1
+
+    def _strip_rate_limit_headers(self, headers: MutableMapping[str, str]) -> None:
+        if not self.config.rate_limit_headers:  # the wait is only in a 429's message
+            for name in [n for n in headers if n.lower().startswith(_RATE_LIMIT_HEADERS)]:
+                del headers[name]
 
     def _schema(self, body: dict[str, Any], messages: list[Message]) -> dict[str, Any] | None:
         fmt = body.get("response_format") or {}
@@ -374,15 +381,93 @@ class Simulator:
             "system_fingerprint": "fp_polytask_sim",
         }
         headers = {**decision.headers, "x-request-id": f"req_{uuid.uuid4().hex}"}
+        outcome = (
+            fault
+            if fault in ("malformed", "length", "refusal", "invalid_answer", "loose_answer", "hang", "cut_stream")
+            else "ok"
+        )
+        if finish == "length" and fault not in ("length", "cut_stream"):
+            outcome = "ok"
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(request, completion, headers, outcome, usage=usage, fault=fault)
         text = json.dumps(completion, ensure_ascii=False)
         if fault == "malformed":
             text = text[: len(text) // 2]
-        outcome = (
-            fault if fault in ("malformed", "length", "refusal", "invalid_answer", "loose_answer", "hang") else "ok"
-        )
-        if finish == "length" and fault != "length":
-            outcome = "ok"
+        if fault == "cut_stream":  # the connection closes halfway through the body
+            data = text.encode()
+            response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+            response.content_length = len(data)
+            return await self._cut(request, response, [data[: len(data) // 2]], outcome)
         return outcome, web.Response(text=text, content_type="application/json", headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        completion: dict[str, Any],
+        headers: dict[str, str],
+        outcome: str,
+        *,
+        usage: bool,
+        fault: str | None,
+    ) -> tuple[str, web.StreamResponse]:
+        """``completion`` as server-sent events (``stream: true``): the role, the content (or the refusal) in up to
+        four pieces, the ``finish_reason``, the ``usage`` when asked for, ``[DONE]``. A ``malformed`` fault cuts
+        one chunk's JSON in half (the stream goes on); ``cut_stream`` closes the connection after half the pieces,
+        before any ``finish_reason``."""
+        (choice,) = completion["choices"]
+        message = choice["message"]
+        base = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint")}
+        base["object"] = "chat.completion.chunk"
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            return {**base, "choices": choices, **({"usage": None} if usage else {})}
+
+        field = "content" if message["content"] is not None else "refusal"
+        text: str = message[field] or ""
+        size = max(1, math.ceil(len(text) / 4))
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        start = {"role": "assistant", "content": "" if field == "content" else None}
+        if field == "refusal":
+            start["refusal"] = ""
+        chunks = [chunk(start), *(chunk({field: piece}) for piece in pieces), chunk({}, choice["finish_reason"])]
+        if usage:
+            chunks.append({**base, "choices": [], "usage": completion["usage"]})
+        events = [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks]
+        if fault == "malformed":
+            middle = len(events) // 2
+            events[middle] = events[middle][: len(events[middle]) // 2] + b"\n\n"
+        headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        self._strip_rate_limit_headers(headers)
+        response = web.StreamResponse(headers=headers)
+        if fault == "cut_stream":
+            return await self._cut(request, response, events[: 1 + math.ceil(len(pieces) / 2)], outcome)
+        try:
+            await response.prepare(request)
+            for event in events:
+                await response.write(event)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the client went away mid-stream
+            return "cancelled", response
+        return outcome, response
+
+    async def _cut(
+        self, request: web.Request, response: web.StreamResponse, parts: list[bytes], outcome: str
+    ) -> tuple[str, web.StreamResponse]:
+        """Send the headers and ``parts`` of the body, then abort the connection (a ``cut_stream`` fault)."""
+        self._strip_rate_limit_headers(response.headers)
+        try:
+            await response.prepare(request)
+            for part in parts:
+                await response.write(part)
+        except ConnectionError:
+            return "cancelled", response
+        if request.transport is not None:
+            request.transport.abort()
+        return outcome, response
 
 
 @contextlib.contextmanager
