@@ -71,6 +71,7 @@ from .tasks import (
     Sentiment,
     Task,
 )
+from .tools import AnalyzeTool
 
 if TYPE_CHECKING:
     from .backends.transformers import TransformersBackend
@@ -80,6 +81,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AnalyzeTool",
     "AnswerError",
     "AnswerValidationError",
     "AuthenticationError",
