@@ -71,6 +71,7 @@ from .tasks import (
     Sentiment,
     Task,
 )
+from .tools import AnalyzeTool
 from .traces import CallEvent, JsonlTrace
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AnalyzeTool",
     "AnswerError",
     "AnswerValidationError",
     "AuthenticationError",

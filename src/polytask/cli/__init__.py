@@ -1,4 +1,5 @@
-"""The ``polytask`` command: ``polytask run`` for JSON Lines batch jobs, ``polytask simulate`` for a local server.
+"""The ``polytask`` command: ``polytask run`` for JSON Lines batch jobs, ``polytask simulate`` for a local server,
+``polytask mcp`` for MCP clients (stdio; see :mod:`polytask.cli._mcp`).
 
 Exit status of ``run``: 0 when every document succeeded; 1 when any document is partial (unless
 ``--allow-partial``) or any input line was invalid (its output line says why); 2 when the run stopped early
@@ -25,12 +26,14 @@ from ..cache import default_cache_path
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator
 from ..retry import RetryPolicy
+from ..tools import AnalyzeTool
 from . import _options
 from ._exits import err, fail, show_warnings, signals
 from ._journal import Journal, job_fingerprint
 from ._jsonl import Input
 from ._options import (
     TASK_HELP,
+    check_choices,
     check_local,
     check_numbers,
     check_paths,
@@ -207,12 +210,7 @@ def run(
         price_out=price_out,
         budget=budget,
     )
-    for flag, value, allowed in (
-        ("--structured-outputs", structured_outputs, ("json_schema", "json_object", "none")),
-        ("--max-tokens-param", max_tokens_param, ("auto", "max_completion_tokens", "max_tokens")),
-    ):
-        if value not in allowed:
-            fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    check_choices(structured_outputs, max_tokens_param)
     prices = check_prices(price_in, price_out)
     simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
     if backend == "local":
@@ -244,10 +242,7 @@ def run(
 
             config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
             base_url = stack.enter_context(run_in_thread(config)).base_url
-            # its answers depend on its seed and gold file, not on the port it got this time
-            identity = (
-                f"polytask-simulator seed={config.seed} oracle={simulate_oracle.resolve() if simulate_oracle else ''}"
-            )
+            identity = _options.simulator_identity(config, simulate_oracle)
         try:
             the_backend = _options.make_backend(
                 backend,
@@ -345,6 +340,164 @@ def simulate(
         serve(config, host, port)
     except OSError as error:  # a busy port, an address not on this machine
         fail(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port (or --host)")
+
+
+@app.command()
+def mcp(
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help=TASK_HELP)] = None,
+    backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
+    model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")
+    ] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit, shared by every tool call.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit, shared by every tool call.")] = None,
+    structured_outputs: Annotated[
+        str, typer.Option(help="json_schema | json_object | none: the response_format to start with (openai).")
+    ] = "json_schema",
+    max_tokens_param: Annotated[
+        str, typer.Option(help="auto | max_completion_tokens | max_tokens: the completion cap's field (openai).")
+    ] = "auto",
+    rate_window: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="The seconds the server enforces its RPM over.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Most calls in flight (default 64; local: 2 × the batch size).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
+    attempts: Annotated[int, typer.Option(help="Most attempts per call.")] = 6,
+    price_in: Annotated[
+        float | None, typer.Option(metavar="USD", help="What a prompt token costs, USD per million tokens.")
+    ] = None,
+    price_out: Annotated[
+        float | None, typer.Option(metavar="USD", help="What a completion token costs, USD per million tokens.")
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(metavar="USD", help="The most the server may spend over its lifetime, USD (needs prices)."),
+    ] = None,
+    max_outage: Annotated[
+        float, typer.Option(help="Stop a call after the server failed every call for this many seconds (0: never).")
+    ] = 300.0,
+    context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    deadline: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="analyze_text returns what finished after this many seconds, the rest listed as errors "
+            "(default: wait for every pair).",
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="analyze_file: the input field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option(help="analyze_file: the input field holding the document id.")] = "id",
+    simulate: Annotated[
+        bool,
+        typer.Option(help="Run against the built-in simulator (no API key, no network); implied by --simulate-*."),
+    ] = False,
+    simulate_oracle: Annotated[
+        Path | None, typer.Option(help="Gold JSONL the simulator answers entities from.")
+    ] = None,
+    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
+    simulate_latency: Annotated[float, typer.Option(help="Median simulated latency, seconds.")] = 0.0,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Request cache (SQLite; default: $POLYTASK_CACHE_DIR/requests.sqlite)."),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the request cache.")] = False,
+) -> None:
+    """Serve the tasks to MCP clients (Claude Desktop, IDEs, agent frameworks) over stdio.
+
+    Two tools: analyze_text (one text) and analyze_file (a JSON Lines file, as `polytask run` does), every call in
+    one orchestrator: one rate limit, cache and budget. Standard output carries the protocol only."""
+    from . import _mcp
+
+    check_numbers(
+        rpm=rpm,
+        tpm=tpm,
+        rate_window=rate_window,
+        timeout=timeout,
+        concurrency=concurrency,
+        attempts=attempts,
+        max_outage=max_outage,
+        context=context,
+        deadline=deadline,
+        simulate_faults=simulate_faults,
+        simulate_latency=simulate_latency,
+        price_in=price_in,
+        price_out=price_out,
+        budget=budget,
+    )
+    check_choices(structured_outputs, max_tokens_param)
+    prices = check_prices(price_in, price_out)
+    simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
+    if backend == "local":
+        check_local(
+            {
+                "--base-url": base_url,
+                "--rpm": rpm,
+                "--tpm": tpm,
+                "--timeout": timeout != 60.0 or None,
+                "--structured-outputs": structured_outputs if structured_outputs != "json_schema" else None,
+                "--max-tokens-param": max_tokens_param if max_tokens_param != "auto" else None,
+                "--rate-window": rate_window,
+                "--simulate": simulated or None,
+            }
+        )
+    tasks = parse_tasks(task)
+    if no_cache and cache is not None:
+        fail("--cache and --no-cache contradict each other: pass one")
+    if simulate_oracle is not None and not simulate_oracle.is_file():
+        fail(f"the simulator's gold file {simulate_oracle} does not exist")
+    try:
+        _mcp.check_sdk()
+    except PolytaskError as error:
+        fail(str(error))
+    with contextlib.ExitStack() as stack:
+        identity = None
+        if simulated:
+            from ..testing import run_in_thread
+
+            config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
+            base_url = stack.enter_context(run_in_thread(config)).base_url
+            identity = _options.simulator_identity(config, simulate_oracle)
+        the_backend = _options.make_backend(
+            backend,
+            model,
+            base_url,
+            rpm,
+            tpm,
+            timeout,
+            identity,
+            structured_outputs=structured_outputs,
+            max_tokens_param=max_tokens_param,
+        )
+        try:
+            orch = Orchestrator(
+                the_backend,
+                tasks,
+                max_concurrency=concurrency,
+                retry=RetryPolicy(attempts=attempts),
+                max_outage=max_outage or None,
+                rate_window=rate_window,
+                context_sentences=context,
+                cache=None if no_cache else (cache or default_cache_path()),
+                prices=prices,
+                budget=budget,
+            )
+            tool = AnalyzeTool(orch, deadline=deadline)
+        except PolytaskError as error:
+            fail(str(error))
+        job = _mcp.FileJob(
+            tasks,
+            settings_of(the_backend).identity or the_backend.name,
+            context=context,
+            text_field=text_field,
+            id_field=id_field,
+        )
+        try:
+            _mcp.serve(tool, job)
+        except KeyboardInterrupt:
+            raise typer.Exit(signals.interruption()[1]) from None
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from ._exits import fail
 
 __all__ = [
     "TASK_HELP",
+    "check_choices",
     "check_local",
     "check_numbers",
     "check_paths",
@@ -26,6 +27,7 @@ __all__ = [
     "parse_task",
     "parse_tasks",
     "simulator_config",
+    "simulator_identity",
 ]
 
 TASK_HELP = (
@@ -58,7 +60,7 @@ def parse_tasks(specs: list[str] | None) -> list[Task[Any]]:
 
 def check_numbers(**values: float | None) -> None:
     """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
-    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget", "rate_window", "rpm_window")
+    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget", "rate_window", "rpm_window", "deadline")
     for name, value in values.items():
         if value is None:
             continue
@@ -75,6 +77,16 @@ def check_numbers(**values: float | None) -> None:
     for name in ("simulate_faults", "faults"):
         if (values.get(name) or 0) > 1:
             fail(f"--{name.replace('_', '-')} is a share of calls, from 0 to 1, got {values[name]:g}")
+
+
+def check_choices(structured_outputs: str, max_tokens_param: str) -> None:
+    """``--structured-outputs`` and ``--max-tokens-param`` name a mode the OpenAI backend knows (exit 2 if not)."""
+    for flag, value, allowed in (
+        ("--structured-outputs", structured_outputs, ("json_schema", "json_object", "none")),
+        ("--max-tokens-param", max_tokens_param, ("auto", "max_completion_tokens", "max_tokens")),
+    ):
+        if value not in allowed:
+            fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def check_prices(price_in: float | None, price_out: float | None) -> Prices | None:
@@ -184,3 +196,9 @@ def open_trace(path: Path) -> Any:
         return JsonlTrace(path)
     except OSError as error:
         fail(f"--trace {path}: cannot write it ({error.strerror or error})")
+
+
+def simulator_identity(config: Any, oracle: Path | None) -> str:
+    """The built-in simulator's identity for the request cache and the partial file: its answers depend on its seed
+    and gold file, not on the port it got this time."""
+    return f"polytask-simulator seed={config.seed} oracle={oracle.resolve() if oracle else ''}"
