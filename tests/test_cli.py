@@ -623,3 +623,22 @@ def test_structured_outputs_and_the_cap_field_can_be_fixed_from_the_cli(tmp_path
     )
     local = run_cli(*args[:3], "--backend", "local", "--structured-outputs", "none")
     assert local.exit_code == 2 and "--structured-outputs" in local.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "{source}"], "--trace {source} is the same file as the input"),
+        (["--trace", "{out}"], "--trace {out} is the same file as --output"),
+        (["--cache", "{out}"], "--cache {out} is the same file as --output"),
+        (["--cache", "{source}"], "--cache {source} is the same file as the input"),
+    ],
+)
+def test_the_trace_and_the_cache_never_overwrite_the_input_or_the_output(tmp_path, args, message):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"text": "Keep me."}\n')
+    out.write_text("previous results\n")
+    args = [a.format(source=source, out=out) for a in args]
+    result = run_cli(source, "-o", out, "--simulate", *args)
+    assert result.exit_code == 2 and message.format(source=source, out=out) in result.output
+    assert source.read_text() == '{"text": "Keep me."}\n' and out.read_text() == "previous results\n"

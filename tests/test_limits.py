@@ -281,3 +281,19 @@ async def test_a_short_window_is_learned_from_ratelimit_policy():
 def test_a_bad_window_is_refused_by_name(window):
     with pytest.raises(ConfigurationError, match="window"):
         RateLimiter(rpm=60, window=window)  # type: ignore[arg-type]
+
+
+def test_a_per_day_limit_in_the_headers_is_not_learned_as_per_minute():
+    """Groq's x-ratelimit-*-requests count requests per day: their reset is hours, not under a minute."""
+    limiter = RateLimiter(clock=FakeClock(), learn=True)
+    limiter.observe(
+        RateLimitHeaders(
+            limit_requests=14400, remaining_requests=14399, reset_requests=6.0, limit_tokens=6000, remaining_tokens=5900
+        )
+    )
+    assert limiter.rpm == 14400  # a reset under a minute: per minute
+    daily = RateLimiter(clock=FakeClock(), learn=True)
+    daily.observe(
+        RateLimitHeaders(limit_requests=14400, remaining_requests=14399, reset_requests=179.56, limit_tokens=6000)
+    )
+    assert daily.rpm is None and daily.tpm == 6000

@@ -225,3 +225,29 @@ def test_settings_that_cannot_work_exit_2_before_serving(monkeypatch, tmp_path):
 def test_the_command_is_listed():
     result = CliRunner().invoke(app, ["mcp", "--help"], env={**os.environ, "COLUMNS": "200"})
     assert result.exit_code == 0 and "analyze_text" in result.output and "--simulate" in result.output
+
+
+async def test_a_model_cannot_overwrite_the_cache_or_an_existing_file_nor_read_one_back(tmp_path):
+    source, out, cache = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
+    write_jsonl(source, [{"text": "Fine."}])
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "secret.tsv").write_text("name\tpassword-hunter2\n")
+    orch, mcp_server = server_of(sentiment, cache=cache)
+    async with orch, Client(mcp_server) as client:
+        error, text = await call(client, "analyze_file", {"input_path": str(source), "output_path": str(cache)})
+        assert error and "request cache" in text
+        error, text = await call(
+            client, "analyze_file", {"input_path": str(source), "output_path": str(tmp_path / "notes.txt")}
+        )
+        assert error and "overwrite=true" in text and (tmp_path / "notes.txt").read_text() == "my notes\n"
+        error, text = await call(
+            client, "analyze_file", {"input_path": str(tmp_path / "secret.tsv"), "output_path": str(out)}
+        )
+        assert error and "TSV" in text and "hunter2" not in text  # the file's content is not quoted back
+        error, summary = await call(client, "analyze_file", {"input_path": str(source), "output_path": str(out)})
+        assert not error and summary["exit_status"] == 0
+        error, text = await call(client, "analyze_file", {"input_path": str(source), "output_path": str(out)})
+        assert error and "exists" in text  # done: a second call must say overwrite
+        arguments = {"input_path": str(source), "output_path": str(out), "overwrite": True}
+        error, summary = await call(client, "analyze_file", arguments)
+        assert not error and summary["exit_status"] == 0

@@ -187,12 +187,32 @@ async def test_the_fallback_does_not_depend_on_the_status(caplog):
         return httpx2.Response(200, json=completion())
 
     backend = mock_backend(handler)
-    with pytest.raises(pt.UnprocessableEntityError):
-        await backend.complete(REQUEST)  # once could be anything: raised, retried by the caller
-    assert (await backend.complete(REQUEST)).content  # twice identically, and JSON mode answers: a capability
+    # a 422 (Hugging Face TGI's answer to json_schema) is never retried: one is enough to try JSON mode, which
+    # answers — so even the task's first call is answered, not failed
     assert (await backend.complete(REQUEST)).content
-    assert formats_of(sent) == ["json_schema", "json_schema", "json_object", "json_object"]
+    assert (await backend.complete(REQUEST)).content
+    assert formats_of(sent) == ["json_schema", "json_object", "json_object"]
     assert backend.structured_modes == {"sentiment": "json_object"} and len(warnings_of(caplog)) == 1
+
+
+async def test_a_422_for_the_cap_field_switches_it_as_a_400_does(caplog):
+    """Mistral answers an unknown max_completion_tokens with a 422, not a 400."""
+    sent = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        sent.append(sorted(k for k in body if "tokens" in k))
+        if "max_completion_tokens" in body:
+            message = "Extra inputs are not permitted: body.max_completion_tokens"
+            return httpx2.Response(422, json={"object": "error", "message": message, "type": "invalid_request_error"})
+        return httpx2.Response(200, json=completion())
+
+    backend = mock_backend(handler)
+    assert (await backend.complete(REQUEST)).content
+    assert (await backend.complete(REQUEST)).content
+    assert (
+        sent == [["max_completion_tokens"], ["max_tokens"], ["max_tokens"]] and backend.max_tokens_field == "max_tokens"
+    )
 
 
 @pytest.mark.parametrize("http", ["httpx2", "sdk"])
@@ -364,3 +384,21 @@ def test_credentials_in_the_base_url_are_refused_without_showing_them():
     message = str(info.value)
     assert "http://***@127.0.0.1:9/v1" in message and "credentials" in message
     assert "s3cret" not in message and "alice" not in message
+
+
+async def test_an_error_wrapped_in_an_array_keeps_its_message_and_retry_delay():
+    """Gemini's OpenAI-compatible endpoint: [{"error": {...}}], the wait in a google.rpc.RetryInfo detail."""
+    body = [
+        {
+            "error": {
+                "code": 429,
+                "message": "You exceeded your current quota, please check your plan.",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}],
+            }
+        }
+    ]
+    backend = mock_backend(lambda request: httpx2.Response(429, json=body))
+    with pytest.raises(pt.RateLimitError) as info:
+        await backend.complete(REQUEST)
+    assert "exceeded your current quota" in str(info.value) and info.value.retry_after == 37.0

@@ -151,3 +151,23 @@ def test_polytask_run_trace_writes_one_line_per_attempt_without_the_key(tmp_path
     assert SECRET not in calls.read_text() and SECRET not in out.read_text()
     bad = run_cli(source, "-o", out, "--simulate", "--trace", tmp_path / "no" / "such" / "calls.jsonl")
     assert bad.exit_code == 2 and "--trace" in bad.output and "Traceback" not in bad.output
+
+
+async def test_an_async_hook_is_refused_and_unknown_prices_give_no_cost():
+    async def hook(event):
+        pass
+
+    class Sink:
+        async def __call__(self, event):
+            pass
+
+    for bad in (hook, Sink()):
+        with pytest.raises(pt.ConfigurationError, match="plain"):
+            pt.Orchestrator(
+                pt.FunctionBackend(lambda r: {"label": "neutral", "score": 0}), [pt.Sentiment()], on_call=bad
+            )
+    events = []
+    backend = pt.FunctionBackend(lambda r: {"label": "neutral", "score": 0})
+    async with pt.Orchestrator(backend, [pt.Sentiment()], on_call=events.append, clock=FakeClock()) as orch:
+        await orch.process("One.")
+    assert [e.cost for e in events] == [None]  # the prices are unknown: not "free"

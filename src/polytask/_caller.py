@@ -410,6 +410,7 @@ class Caller:
                                     error=str(error)[:300],
                                     request_id=getattr(error, "request_id", None),
                                     retry_after=getattr(error, "retry_after", None),
+                                    cost=0.0 if self.prices is not None else None,
                                 )
                             )
                         if later is not None:
@@ -434,7 +435,7 @@ class Caller:
                     prompt_tokens=response.prompt_tokens,
                     completion_tokens=response.completion_tokens,
                     cached_tokens=response.cached_tokens,
-                    cost=cost,
+                    cost=cost if self.prices is not None else None,
                     http_status=200,
                     request_id=response.request_id,
                 )

@@ -10,10 +10,12 @@ the refill rate instead of all waking on the same Retry-After into a second wave
 RPM over a short window (Azure OpenAI: 1 or 10 seconds) gets a requests bucket that holds only that window's share
 (``window``), so no burst it would refuse.
 
-Limits left unset are learned from the ``x-ratelimit-limit-*`` / ``-remaining-*`` headers of every response (configured
-limits cap what is learned): until the first response arrives only one call goes out, then each response creates or
-resizes the bucket and lowers its level to the server's ``remaining`` when the server says less is left (other
-clients sharing the key, or an estimate that ran low). Servers that send no such headers get no limit.
+Limits left unset are learned from the ``x-ratelimit-limit-*`` / ``-remaining-*`` headers of every response
+(configured limits cap what is learned; a limit whose ``x-ratelimit-reset-*`` is over a minute is a per-day one, as
+Groq's request headers are, and is not learned as a per-minute limit): until the first response arrives only one call
+goes out, then each response creates or resizes the bucket and lowers its level to the server's ``remaining`` when
+the server says less is left (other clients sharing the key, or an estimate that ran low). Servers that send no such
+headers get no limit.
 
 Waiters are served first in, first out (``anyio.Lock`` is fair), so a large call is not starved by small ones.
 Time comes from an injectable :class:`Clock`, so tests drive it without sleeping.
@@ -305,12 +307,14 @@ class RateLimiter:
         if not self.learning:
             self._sync(limits)
             return
-        for attr, limit, cap in (
-            ("requests", limits.limit_requests, self._caps[0]),
-            ("tokens", limits.limit_tokens, self._caps[1]),
+        for attr, limit, cap, reset in (
+            ("requests", limits.limit_requests, self._caps[0], limits.reset_requests),
+            ("tokens", limits.limit_tokens, self._caps[1], limits.reset_tokens),
         ):
             if limit is None or limit <= 0:
                 continue
+            if reset is not None and reset > 60:  # refills over more than a minute: a per-day limit (Groq's
+                continue  # x-ratelimit-*-requests), not the per-minute one this bucket keeps
             capacity = min(limit, cap) if cap is not None else limit
             bucket: TokenBucket | None = getattr(self, attr)
             if bucket is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -266,10 +267,12 @@ class Orchestrator:
             the run stops with :class:`~polytask.BudgetExceededError` (every finished document kept). Needs prices.
         clock: time source for the limiter, backoff waits and per-document time (tests inject a fake).
         segmenter: ``segmenter(text, max_chars=...) -> list[Sentence]`` (default :func:`polytask.segment`).
-        on_call: called with a :class:`~polytask.traces.CallEvent` as each call attempt ends (and for each answer
-            from the cache): document, sentence, task, attempt, waits, latency, tokens, cost, status, error, request
-            id, Retry-After (e.g. a :class:`~polytask.traces.JsonlTrace`, or your metrics). What it raises is logged.
-        on_document: called with each :class:`~polytask.DocumentResult` as it is finished. What it raises is logged.
+        on_call: a plain function, called with a :class:`~polytask.traces.CallEvent` as each call attempt ends (and
+            for each answer from the cache): document, sentence, task, attempt, waits, latency, tokens, cost, status,
+            error, request id, Retry-After (e.g. a :class:`~polytask.traces.JsonlTrace`, or your metrics). What it
+            raises is logged.
+        on_document: a plain function, called with each :class:`~polytask.DocumentResult` as it is finished. What
+            it raises is logged.
             With ``opentelemetry-api`` installed (the ``otel`` extra), each document also becomes a span with a child
             span per call (see :mod:`polytask.traces`).
 
@@ -284,7 +287,8 @@ class Orchestrator:
     closed: at the end of the ``async with`` block, or at once with ``contextlib.aclosing(orch.stream(...))``.
 
     Raises:
-        ConfigurationError: no tasks, duplicate task names, a bad number, or a ``budget`` without known prices.
+        ConfigurationError: no tasks, duplicate task names, a bad number, a ``budget`` without known prices, or an
+            ``async`` hook.
     """
 
     def __init__(
@@ -389,6 +393,15 @@ class Orchestrator:
             spending=budget,
         )
         self.close_backend = close_backend
+        for name, hook in (("on_call", on_call), ("on_document", on_document)):
+            if hook is not None and (
+                inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__)
+            ):
+                raise ConfigurationError(
+                    f"{name} must be a plain (synchronous) function: it is called as each call or document ends, "
+                    "and a coroutine would never be awaited; hand the value to your async code through a queue "
+                    "(e.g. an anyio memory object stream's send_nowait)"
+                )
         self.on_call = on_call
         self.on_document = on_document
         self._otel = otel_tracer()

@@ -52,7 +52,7 @@ class CallEvent:
         latency: seconds from sending the request to its answer or error.
         prompt_tokens, completion_tokens, cached_tokens: usage the server reported (0 when none; cached tokens
             are the part of the prompt served from the provider's prompt cache).
-        cost: USD at the run's prices (0 when unknown).
+        cost: USD at the run's prices; None when they are unknown (0 for an answer from the cache).
         http_status: the HTTP status of an error answer, else None (200 for an answer).
         error_type: the polytask error class (``RateLimitError``, ``AnswerValidationError``, …), or None.
         error: the error's message (at most 300 characters), or None.
@@ -74,7 +74,7 @@ class CallEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    cost: float = 0.0
+    cost: float | None = 0.0
     http_status: int | None = None
     error_type: str | None = None
     error: str | None = None
@@ -213,10 +213,10 @@ def _span_attributes(event: CallEvent) -> dict[str, Any]:
         "polytask.status": event.status,
         "polytask.queue_wait_s": event.queue_wait,
         "polytask.rate_limit_wait_s": event.rate_limit_wait,
-        "polytask.cost_usd": event.cost,
         "polytask.cached_tokens": event.cached_tokens,
     }
     optional = {
+        "polytask.cost_usd": event.cost,
         "polytask.sentence": event.sentence,
         "http.response.status_code": event.http_status,
         "error.type": event.error_type,

@@ -33,6 +33,7 @@ CapParam = Literal["auto", "max_completion_tokens", "max_tokens"]
 SIMPLER: dict[StructuredMode, StructuredMode] = {"json_schema": "json_object", "json_object": "none"}
 _SAYS = {"json_object": "in the prompt with JSON mode", "none": "in the prompt only"}
 _NOT_CAPABILITY = (401, 403, 404, 429)  # a key, a permission, an unknown model, a rate limit: never the mode
+_VERDICTS = (400, 422)  # statuses that judge the request itself: never retried, so never seen twice by one call
 _REPEATS = 2  # identical failures of a task's unproven mode before a simpler one is probed (doubled per outage)
 _MOST_REPEATS = 64
 # a 400 naming the cap's field says it is unknown (not that its value is too large)
@@ -102,9 +103,9 @@ class StructuredModes:
             self._proven.add(task)
             self._failures.pop(task, None)
 
-    def refused(self, task: str, mode: StructuredMode, error: exc.BadRequestError) -> StructuredMode | None:
-        """A 400 to ``task`` in ``mode``: the mode to send it in now when the 400 names ``response_format`` (the
-        task falls back, or already did by another call), else None (the 400 is about something else)."""
+    def refused(self, task: str, mode: StructuredMode, error: exc.APIStatusError) -> StructuredMode | None:
+        """A 400 or 422 to ``task`` in ``mode``: the mode to send it in now when the error names ``response_format``
+        (the task falls back, or already did by another call), else None (it is about something else)."""
         simpler = SIMPLER.get(mode)
         if simpler is None or "response_format" not in str(error):
             return None
@@ -125,7 +126,10 @@ class StructuredModes:
         before = self._failures.get(task)
         count = before[1] + 1 if before is not None and before[0] == key else 1
         self._failures[task] = (key, count)
-        if count < self._needed.get(task, _REPEATS):
+        # a 400 / 422 is a verdict on the request, never retried: one is enough to try the simpler modes (a server
+        # refusing json_schema with 422, as Hugging Face TGI does, would otherwise fail the task's first call)
+        first = 1 if error.status_code in _VERDICTS else _REPEATS
+        if count < self._needed.get(task, first):
             return False
         self._probes[task] = anyio.Event()
         return True
@@ -179,9 +183,10 @@ class CapField:
         )
         self._base_url = base_url
 
-    def refused(self, sent: str, error: exc.BadRequestError) -> bool:
-        """A 400 to a call that carried the cap in ``sent``: True (and the field switched) when, with ``"auto"``,
-        it says the server does not know that field; the call is then to be sent again."""
+    def refused(self, sent: str, error: exc.APIStatusError) -> bool:
+        """A 400 or 422 (Mistral's status for an unknown field) to a call that carried the cap in ``sent``: True
+        (and the field switched) when, with ``"auto"``, it says the server does not know that field; the call is
+        then to be sent again."""
         if self.param != "auto" or sent != "max_completion_tokens":
             return False
         text = str(error)

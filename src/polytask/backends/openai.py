@@ -28,7 +28,7 @@ import openai
 
 from .. import exceptions as exc
 from .._checks import check_count, check_positive
-from .._headers import parse_rate_limit_headers, parse_rate_limit_message, parse_retry_after
+from .._headers import parse_duration, parse_rate_limit_headers, parse_rate_limit_message, parse_retry_after
 from .._http import (
     AiohttpClient,
     HTTPClient,
@@ -304,7 +304,7 @@ class OpenAIBackend(SettingsAttributes):
             try:
                 response = await self._send(request, mode)
             except exc.APIStatusError as error:
-                if isinstance(error, exc.BadRequestError):
+                if isinstance(error, exc.BadRequestError | exc.UnprocessableEntityError):
                     now = self._modes.refused(task, mode, error)
                     if now is not None:  # a 400 naming response_format: the capability answer itself
                         mode = now
@@ -367,7 +367,7 @@ class OpenAIBackend(SettingsAttributes):
                     raise self._nothing_listening(error, tries) from error
                 await anyio.sleep(delay)
                 continue
-            except exc.BadRequestError as error:
+            except (exc.BadRequestError, exc.UnprocessableEntityError) as error:
                 if self._cap.refused(field, error):
                     continue
                 raise
@@ -570,6 +570,8 @@ class OpenAIBackend(SettingsAttributes):
 
     def _status_error(self, status: int, body: Any, headers: Mapping[str, str]) -> exc.APIStatusError:
         """The polytask error for an HTTP error status; ``body`` is the decoded JSON (or the raw bytes)."""
+        if isinstance(body, list) and body and isinstance(body[0], dict):
+            body = body[0]  # Gemini's OpenAI-compatible endpoint wraps its error object in an array
         error = body.get("error", body) if isinstance(body, dict) else {}
         if not isinstance(error, dict):
             error = {"message": str(error)}
@@ -586,6 +588,8 @@ class OpenAIBackend(SettingsAttributes):
             "retry_after": parse_retry_after(headers),
         }
         message = self._redact(message)[:1000]
+        if kwargs["retry_after"] is None:  # Google's RetryInfo detail: {"retryDelay": "37s"}
+            kwargs["retry_after"] = _retry_delay(error.get("details"))
         if status == 429:
             if kwargs["code"] == "insufficient_quota":
                 return exc.QuotaExceededError(message, **kwargs)
@@ -594,6 +598,16 @@ class OpenAIBackend(SettingsAttributes):
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
         return _BY_STATUS.get(status, exc.APIStatusError)(message, **kwargs)
+
+
+def _retry_delay(details: Any) -> float | None:
+    """Seconds of a ``google.rpc.RetryInfo`` detail's ``retryDelay`` (``"37s"``) in an error's ``details``, or None."""
+    if not isinstance(details, list):
+        return None
+    for detail in details:
+        if isinstance(detail, dict) and isinstance(delay := detail.get("retryDelay"), str):
+            return parse_duration(delay)
+    return None
 
 
 def _what_429_says(message: str, headers: Mapping[str, str], kwargs: dict[str, Any]) -> RateLimitHeaders | None:

@@ -34,6 +34,7 @@ from ._jsonl import Input
 from ._options import (
     TASK_HELP,
     check_choices,
+    check_distinct,
     check_local,
     check_numbers,
     check_paths,
@@ -234,6 +235,14 @@ def run(
     if no_cache and cache is not None:
         fail("--cache and --no-cache contradict each other: pass one")
     in_path, out_path = check_paths(input, output, simulate_oracle)
+    check_distinct(
+        {
+            "the input": in_path,
+            "--output": out_path if output != "-" else None,
+            "--trace": trace,
+            "--cache": None if no_cache else (cache or default_cache_path()),
+        }
+    )
     show_warnings()
     with contextlib.ExitStack() as stack, signals.handling_sigterm():
         identity = None

@@ -98,9 +98,13 @@ class ToolFailure(Exception):
     """A tool call that cannot be done, with the message the client is shown (raised as the SDK's ToolError)."""
 
 
-def _paths(input_path: str, output_path: str) -> tuple[Path, Path]:
+def _paths(
+    input_path: str, output_path: str, *, cache: Path | None = None, overwrite: bool = False
+) -> tuple[Path, Path]:
     """Both paths, absolute, after the checks ``polytask run`` makes (standard input and output are the protocol
-    here, so ``-`` is refused).
+    here, so ``-`` is refused), and two more, since a model names them: the output is never the server's request
+    cache (``cache``), and an existing file is replaced only with ``overwrite`` (or when it is this job's own
+    unfinished output, whose partial file sits beside it).
 
     Raises:
         ToolFailure: naming the path and what is wrong with it.
@@ -116,6 +120,11 @@ def _paths(input_path: str, output_path: str) -> tuple[Path, Path]:
         raise ToolFailure(f"the output {output} is a folder: name a file")
     if output.exists() and output.resolve() == source.resolve():
         raise ToolFailure(f"the output {output} is the input file: choose another path")
+    if cache is not None and output.resolve() in {Path(f"{cache.resolve()}{end}") for end in ("", "-wal", "-shm")}:
+        raise ToolFailure(f"the output {output} is the server's request cache: choose another path")
+    resuming = output.with_name(f".{output.name}.partial").exists()
+    if output.exists() and output.stat().st_size > 0 and not (overwrite or resuming):
+        raise ToolFailure(f"the output {output} exists: pass overwrite=true to replace it, or choose another path")
     if not output.parent.is_dir():
         raise ToolFailure(f"the output folder {output.parent} does not exist")
     return source, output
@@ -167,7 +176,13 @@ class _TallyingJournal(Journal):
 
 
 async def run_file(
-    orch: Orchestrator, job: FileJob, input_path: str, output_path: str, *, restart: bool = False
+    orch: Orchestrator,
+    job: FileJob,
+    input_path: str,
+    output_path: str,
+    *,
+    restart: bool = False,
+    overwrite: bool = False,
 ) -> FileSummary:
     """Run every document of the JSON Lines file ``input_path`` through ``orch`` (entered with ``async with``) and
     write one record per input line to ``output_path``, as ``polytask run`` does: through the output's partial file,
@@ -177,11 +192,12 @@ async def run_file(
         ToolFailure: a path that cannot work, a file that is not JSON Lines, another job's partial file, an output
             that cannot be written; what an error other than a stop raised.
     """
-    source_path, out_path = _paths(input_path, output_path)
+    cache = orch.cache.path if orch.cache is not None else None
+    source_path, out_path = _paths(input_path, output_path, cache=cache, overwrite=overwrite)
     source = Input(source_path, job.text_field, job.id_field)
     problem = source.format_problem()
-    if problem is not None:
-        raise ToolFailure(problem)
+    if problem is not None:  # without the line it quotes: a model asked, and the file may hold anything
+        raise ToolFailure(problem.split(" (line ")[0].split(": '")[0])
     fingerprint = job_fingerprint(
         job.tasks,
         job.backend_identity,
@@ -300,9 +316,12 @@ def build_server(tool: AnalyzeTool, job: FileJob) -> MCPServer[Any]:
         restart: Annotated[
             bool, Field(description="Discard what an unfinished earlier call left for this output, not resume it.")
         ] = False,
+        overwrite: Annotated[
+            bool, Field(description="Replace an existing output file (refused otherwise, unless it is being resumed).")
+        ] = False,
     ) -> FileSummary:
         try:
-            return await run_file(tool.orchestrator, job, input_path, output_path, restart=restart)
+            return await run_file(tool.orchestrator, job, input_path, output_path, restart=restart, overwrite=overwrite)
         except ToolFailure as error:
             raise ToolError(str(error)) from None
 

@@ -128,6 +128,21 @@ def check_paths(input: str, output: str, oracle: Path | None) -> tuple[Path | No
     return in_path, out_path
 
 
+def check_distinct(paths: dict[str, Path | None]) -> None:
+    """Exit 2 when two of the named files (the input, ``--output``, ``--trace``, ``--cache``) are one file: writing
+    one would destroy the other (a trace truncating the input, an output replacing the request cache)."""
+    seen: dict[Path, str] = {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        where = path.expanduser().resolve()
+        if where in seen:
+            fail(
+                f"{name} {path} is the same file as {seen[where]}: choose another path (one would overwrite the other)"
+            )
+        seen[where] = name
+
+
 def make_backend(
     kind: str,
     model: str | None,
