@@ -1,5 +1,7 @@
 import pytest
 
+from services import redis_server  # noqa: F401 (a fixture: a real redis-server, for every test module)
+
 
 @pytest.fixture
 def anyio_backend():

@@ -41,6 +41,7 @@ from .exceptions import (
     DeadlineExceededError,
     InputError,
     LengthLimitError,
+    LimiterUnavailableError,
     MalformedResponseError,
     ModelNotFoundError,
     NotFoundError,
@@ -76,6 +77,7 @@ from .traces import CallEvent, JsonlTrace
 
 if TYPE_CHECKING:
     from .backends.transformers import TransformersBackend
+    from .redis_limiter import RedisRateLimiter
 
 
 __all__ = [
@@ -114,6 +116,7 @@ __all__ = [
     "InputError",
     "JsonlTrace",
     "LengthLimitError",
+    "LimiterUnavailableError",
     "MalformedResponseError",
     "ModelNotFoundError",
     "MonotonicClock",
@@ -128,6 +131,7 @@ __all__ = [
     "RateLimitError",
     "RateLimitHeaders",
     "RateLimiter",
+    "RedisRateLimiter",
     "RefusalError",
     "RequestCache",
     "RequestTooLargeError",
@@ -154,6 +158,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "RedisRateLimiter":  # imports redis-py only when asked for
+        from .redis_limiter import RedisRateLimiter
+
+        return RedisRateLimiter
     if name == "TransformersBackend":
         from .backends.transformers import TransformersBackend
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,7 +53,7 @@ from .exceptions import (
     ServerError,
     is_server_failure,
 )
-from .limits import Clock, RateLimiter
+from .limits import Clock, Limiter
 from .retry import RetryPolicy
 from .tasks.base import Task
 from .traces import CallEvent, Status
@@ -173,6 +173,12 @@ class Flight:
             raise RunStopped(f"{what}: the run stopped ({self.stopped_by})") from cause
 
 
+async def _done(update: Awaitable[None] | None) -> None:
+    """Await a limiter's update when it is one (a shared limiter's round trip); a local limiter's is None."""
+    if update is not None:
+        await update
+
+
 def _short(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()[:10])
 
@@ -185,7 +191,7 @@ class Caller:
         backend: Backend,
         *,
         retry: RetryPolicy,
-        limiter: RateLimiter | None,
+        limiter: Limiter | None,
         concurrency: AdaptiveConcurrency,
         breaker: CircuitBreaker,
         estimator: PromptEstimator,
@@ -395,7 +401,8 @@ class Caller:
                     try:
                         response = await self.backend.complete(req)
                     except BaseException as error:
-                        self._failed(error, probe)
+                        for update in self._failed(error, probe):
+                            await update
                         later = self._retry_later(error)
                         if question is not None and isinstance(error, Exception):
                             question.emit(
@@ -441,16 +448,18 @@ class Caller:
                 )
             if hold is not None and self.spending is not None:
                 self.spending.settle(hold, cost)
-            self._succeeded(response, cost)
+            await _done(self._succeeded(response, cost))
             usage.add(
                 response.prompt_tokens, response.completion_tokens, 0, cost=cost, cached_tokens=response.cached_tokens
             )
             if reservation is not None and self.limiter is not None:
-                self.limiter.settle(
-                    reservation,
-                    prompt_tokens=response.prompt_tokens,
-                    completion_tokens=response.completion_tokens,
-                    max_tokens=req.max_tokens,
+                await _done(
+                    self.limiter.settle(
+                        reservation,
+                        prompt_tokens=response.prompt_tokens,
+                        completion_tokens=response.completion_tokens,
+                        max_tokens=req.max_tokens,
+                    )
                 )
             self.estimator.observe(raw, response.prompt_tokens)
             if response.finish_reason == "length":
@@ -503,7 +512,8 @@ class Caller:
             return 0.0
         return self.prices.cost(response.prompt_tokens, response.completion_tokens, response.cached_tokens)
 
-    def _succeeded(self, response: ChatResponse, cost: float) -> None:
+    def _succeeded(self, response: ChatResponse, cost: float) -> Awaitable[None] | None:
+        """Count a response; returns the limiter's update (an awaitable for a shared limiter), if any."""
         self.stats.prompt_tokens += response.prompt_tokens
         self.stats.completion_tokens += response.completion_tokens
         self.stats.cached_tokens += response.cached_tokens
@@ -511,23 +521,29 @@ class Caller:
         self.breaker.on_success()
         self.concurrency.on_success(response.latency)
         if self.limiter is not None:
-            self.limiter.observe(response.rate_limits)
+            return self.limiter.observe(response.rate_limits)
+        return None
 
-    def _failed(self, error: BaseException, probe: int) -> None:
+    def _failed(self, error: BaseException, probe: int) -> list[Awaitable[None]]:
         """Feed a failed call (``probe``: its probe number, 0 if it was none) to the limiter, the breaker and the
-        concurrency controller."""
+        concurrency controller; returns the limiter's updates to await (a shared limiter's round trips)."""
+        updates: list[Awaitable[None]] = []
         if self.limiter is not None:  # a 429 states limits (headers or message): learn them; else just wake waiters
-            self.limiter.observe(error.rate_limits if isinstance(error, RateLimitError) else None)
+            seen = self.limiter.observe(error.rate_limits if isinstance(error, RateLimitError) else None)
+            if seen is not None:
+                updates.append(seen)
         if isinstance(error, RateLimitError):
             self.stats.rate_limited += 1
             self.breaker.on_other(probe)
             if isinstance(error, QuotaExceededError):
-                return
+                return updates
             wait = error.retry_after or 0.0
             if self.limiter is not None and wait <= self.retry.max_retry_after:
                 # every call waits the pause out, then goes paced (a longer one stops the run: _retry_later)
-                self.limiter.pause(wait, error.rate_limits)
-            known = self.limiter is not None and (self.limiter.requests or self.limiter.tokens)
+                paused = self.limiter.pause(wait, error.rate_limits)
+                if paused is not None:
+                    updates.append(paused)
+            known = self.limiter is not None and (self.limiter.rpm is not None or self.limiter.tpm is not None)
             if not known:  # a 429 no known limit explains: the server is overloaded
                 self.concurrency.on_overload()
         elif is_server_failure(error):
@@ -541,6 +557,7 @@ class Caller:
             self.breaker.on_success()  # a 4xx answer: the server is up
         else:
             self.breaker.on_other(probe)
+        return updates
 
     def _retry_later(self, error: BaseException) -> RetryLaterError | None:
         """``error`` as the :class:`~polytask.RetryLaterError` that stops the run when it is a 429 asking to wait

@@ -10,6 +10,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── RequestTooLargeError        one call needs more tokens than the TPM limit ever allows; fails fast
     ├── RunStopped                  a pair not done because the run stopped (quota, a rejected key, …)
     ├── DeadlineExceededError       a pair not done by the caller's ``deadline``: its call was cancelled
+    ├── LimiterUnavailableError     the shared rate limit (Redis) cannot be reached: stops the run
     ├── BudgetExceededError         the next call could take the run past its budget (USD): stops the run
     ├── BackendError                the call did not produce an answer
     │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
@@ -182,6 +183,14 @@ class DeadlineExceededError(PolytaskError):
     """A pair was not done by the caller's ``deadline`` (:meth:`~polytask.Orchestrator.process`,
     :func:`~polytask.analyze`): its call was cancelled (a request at the server included, so the answer is not
     waited for) and the document came back partial, with what finished."""
+
+
+class LimiterUnavailableError(PolytaskError):
+    """The shared rate limit (:class:`~polytask.RedisRateLimiter`'s Redis) cannot be reached: no call may be sent
+    without it (sending unlimited would draw 429s for every client of the key), so the run stops, keeping the work
+    done; rerun once Redis is back, or give the limiter a ``fallback_share``."""
+
+    fatal_to_run = True
 
 
 class BudgetExceededError(PolytaskError):

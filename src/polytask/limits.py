@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -34,7 +35,7 @@ from ._checks import check_positive
 from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
-__all__ = ["Clock", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket", "check_window"]
+__all__ = ["Clock", "Limiter", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket", "check_window"]
 
 _RECHECK = 5.0  # seconds: the longest a waiting call sleeps before it looks at learned limits again
 
@@ -49,6 +50,30 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds``."""
         ...
+
+
+class Limiter(Protocol):
+    """What the caller needs of a rate limiter: :class:`RateLimiter` (this process) or
+    :class:`~polytask.RedisRateLimiter` (every process on one key). ``settle``, ``pause`` and ``observe`` may return
+    an awaitable (a round trip to a shared store), which the caller awaits."""
+
+    clock: Clock
+
+    @property
+    def rpm(self) -> float | None: ...
+
+    @property
+    def tpm(self) -> float | None: ...
+
+    async def acquire(self, tokens: int) -> Reservation: ...
+
+    def settle(
+        self, reservation: Reservation, *, prompt_tokens: int, completion_tokens: int, max_tokens: int
+    ) -> Awaitable[None] | None: ...
+
+    def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> Awaitable[None] | None: ...
+
+    def observe(self, limits: RateLimitHeaders | None) -> Awaitable[None] | None: ...
 
 
 class MonotonicClock:

@@ -57,7 +57,7 @@ from .exceptions import (
     is_fatal_to_run,
     is_outage_sign,
 )
-from .limits import Clock, MonotonicClock, RateLimiter
+from .limits import Clock, Limiter, MonotonicClock, RateLimiter
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks.base import Task
@@ -234,7 +234,8 @@ class Orchestrator:
         retry: the retry policy (default :class:`~polytask.RetryPolicy`).
         rpm, tpm: override the backend's requests- / tokens-per-minute limits (None: its ``settings.rpm`` /
             ``settings.tpm``, else learned).
-        limiter: a :class:`~polytask.RateLimiter` to share between orchestrators (overrides rpm / tpm).
+        limiter: a :class:`~polytask.RateLimiter` to share between orchestrators, or a
+            :class:`~polytask.RedisRateLimiter` to share with every process on the API key (overrides rpm / tpm).
         rate_window: the seconds over which the server enforces its RPM, in (0, 60] (Azure OpenAI: 1 or 10): the
             limiter's requests bucket holds ``rpm × rate_window / 60``, so no opening burst the server refuses
             (default: 60, or what the server's ``RateLimit-Policy`` header says; see :class:`~polytask.RateLimiter`).
@@ -300,7 +301,7 @@ class Orchestrator:
         retry: RetryPolicy | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         rate_window: float | None = None,
         context_sentences: int = 0,
         max_sentence_chars: int = 1000,
