@@ -1,7 +1,7 @@
 """Smoke runs of the network benchmarks in ``benchmarks/``: each script runs end to end at a tiny size.
 
 Not timed tests: they only prove the scripts work (simulator process, contender processes, bounds, table, JSON).
-The four scripts run at once (each starts its own simulator and contender processes) to keep the total short.
+The five scripts run at once (each starts its own simulator and contender processes) to keep the total short.
 Contenders whose library is not installed (litellm, aiolimiter) are skipped by the scripts themselves.
 """
 
@@ -27,6 +27,7 @@ SMOKE = {
     ],
     "tail": ["--calls", "40", "--latency", "0.02", "--concurrency", "8", "--contenders", "polytask"],
     "hidden_cap": ["--calls", "60", "--latency", "0.02", "--cap", "4", "--no-references"],
+    "serial_server": ["--calls", "30", "--latency", "0.02", "--at-once", "2"],
 }
 
 
@@ -101,6 +102,17 @@ def test_hidden_cap(runs: dict[str, Any]) -> None:
         assert "error" not in r, r
         assert {"ok", "http_503", "of_ideal", "server_max_in_flight"} <= set(r)
     assert data["results"][0]["server_max_in_flight"] >= 1
+
+
+def test_serial_server(runs: dict[str, Any]) -> None:
+    data = _ok(runs, "serial_server", "Serial server:")
+    labels = [(r["at_once"], r["label"]) for r in data["results"]]
+    assert labels == [(2, "polytask (adaptive)"), (2, "polytask (fixed 64)")]
+    for r in data["results"]:
+        assert "error" not in r, r
+        assert r["ok"] == 30 and r["timeouts"] == 0 and r["http_429"] == r["http_503"] == 0
+        assert {"of_capacity", "server_max_queued", "server_queue_median_2nd_half", "concurrency"} <= set(r)
+        assert r["server_max_queued"] >= 1  # the server queued calls past the 2 it works on
 
 
 def test_ideal_schedules() -> None:

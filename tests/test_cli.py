@@ -537,6 +537,7 @@ def test_version_and_a_busy_port_say_one_line():
         (["--rpm-window", "90"], "--rpm-window is the seconds an RPM limit is enforced over"),
         (["--faults", "2"], "--faults is a share of calls"),
         (["--rpm", "-5"], "--rpm must be greater than 0"),
+        (["--serve-at-once", "0"], "--serve-at-once must be greater than 0"),
     ],
 )
 def test_simulate_refuses_impossible_numbers_in_one_line(args, message):

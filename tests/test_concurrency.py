@@ -1,5 +1,11 @@
 """AIMD concurrency and the circuit breaker, driven by an injected clock."""
 
+import collections
+import heapq
+import itertools
+import math
+import random
+
 import anyio
 import pytest
 
@@ -7,6 +13,7 @@ import polytask as pt
 from polytask import CircuitOpenError
 from polytask.concurrency import AdaptiveConcurrency, CircuitBreaker
 from polytask.testing import FakeClock
+from polytask.testing.pytest_plugin import simulator as simulator  # the plugin's fixture, if not installed
 
 pytestmark = pytest.mark.anyio
 
@@ -67,15 +74,116 @@ def test_one_decrease_per_round_trip():
     assert ac.decreases == 2
 
 
-def test_rising_latency_is_an_overload_signal():
+def drive(ac, clock, calls, latency, *, slots=None, sigma=0.0, seed=0, slower_at=None):
+    """Send ``calls`` calls through ``ac`` (as many at once as its limit allows) in virtual time and tell it each
+    answer's latency. The server works on ``slots`` calls at a time and queues the rest, first in first out, each
+    taking ``latency`` seconds; with ``slots`` None it works on every call at once, each taking a lognormal draw
+    (median ``latency``, ``sigma``), three times as long from ``slower_at`` seconds on. Returns one
+    ``(time, latency, limit, calls at the server)`` per answer."""
+    rng = random.Random(seed)
+    events = []  # (time, order, kind, sent at)
+    order = itertools.count()
+    sent = in_flight = busy = 0
+    queue = collections.deque()
+    answers = []
+
+    def service():
+        slower = 3.0 if slower_at is not None and clock.time >= slower_at else 1.0
+        return slower * latency * math.exp(sigma * rng.gauss(0.0, 1.0))
+
+    def send():
+        nonlocal sent, in_flight
+        while sent < calls and in_flight < ac.limiter.total_tokens:
+            sent += 1
+            in_flight += 1
+            if slots is None:
+                heapq.heappush(events, (clock.time + service(), next(order), "answer", clock.time))
+            else:
+                queue.append(clock.time)
+                serve()
+
+    def serve():
+        nonlocal busy
+        while busy < slots and queue:
+            busy += 1
+            heapq.heappush(events, (clock.time + service(), next(order), "served", queue.popleft()))
+
+    send()
+    while events:
+        clock.time, _, kind, sent_at = heapq.heappop(events)
+        if kind == "served":
+            busy -= 1
+            serve()
+        in_flight -= 1
+        ac.on_success(clock.time - sent_at)
+        answers.append((clock.time, clock.time - sent_at, ac.limit, in_flight + 1))
+        send()
+    return answers
+
+
+@pytest.mark.parametrize(("slots", "maximum"), [(1, 64), (4, 64), (1, 8)])
+def test_latency_alone_finds_what_a_queueing_server_serves_at_once(slots, maximum):
+    # a local server working on `slots` requests at a time, 0.5 s each, queueing the rest: no 429, no 503
     clock = FakeClock()
-    ac = AdaptiveConcurrency(50, initial=50, clock=clock)
-    for _ in range(40):
-        ac.on_success(0.1)
-    for _ in range(60):
-        clock.advance(1)
-        ac.on_success(2.0)  # 20× the best: the server queues our calls
-    assert ac.decreases >= 1 and ac.limit < 50
+    ac = AdaptiveConcurrency(maximum, clock=clock)
+    answers = drive(ac, clock, 600, 0.5, slots=slots)
+    capacity = slots / 0.5  # answers a second
+    assert len(answers) / clock.time >= 0.95 * capacity  # the server was kept busy
+    assert max(latency for _, latency, _, _ in answers) <= 0.5 * maximum / slots  # never queued past the limit
+    assert max(latency for _, latency, _, _ in answers) < 60  # OpenAIBackend's timeout: no call timed out
+    late = answers[len(answers) // 3 :]
+    assert ac.latency_decreases >= 1
+    assert max(at_server for *_, at_server in late) <= 2 * slots + 3  # converged near what it serves at once
+    assert max(latency for _, latency, _, _ in late) <= (2 * slots + 3) * 0.5 / slots
+    assert min(limit for _, _, limit, _ in late) >= slots  # and never under it for long
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5, 1.0])
+def test_latency_noise_on_a_parallel_server_does_not_shrink_the_limit(sigma):
+    clock = FakeClock()
+    ac = AdaptiveConcurrency(64, clock=clock)
+    answers = drive(ac, clock, 3000, 0.2, sigma=sigma, seed=1)
+    assert ac.latency_decreases == 0 and ac.decreases == 0
+    assert all(limit == 64 for _, _, limit, _ in answers[300:])
+
+
+def test_a_server_slower_for_everyone_is_learned_not_chased():
+    # latency triples at 5 s whatever the calls in flight: a probe at a lower limit finds it no faster, so the limit
+    # goes back up and the baseline moves to the new latency
+    clock = FakeClock()
+    ac = AdaptiveConcurrency(64, clock=clock)
+    answers = drive(ac, clock, 4000, 0.2, sigma=0.3, slower_at=5.0)
+    assert ac.limit == 64 and ac.latency_decreases <= 1
+    assert ac.baseline() == pytest.approx(0.6, rel=0.25)
+    assert sum(limit == 64 for *_, limit, _ in answers[-2000:]) >= 1950
+
+
+def test_latency_is_ignored_without_adaptation_or_a_measure():
+    clock = FakeClock()
+    off = AdaptiveConcurrency(8, decrease=1.0, clock=clock)
+    drive(off, clock, 200, 0.5, slots=1)
+    assert off.limit == 8 and off.decreases == 0
+    unmeasured = AdaptiveConcurrency(64, clock=clock)
+    for _ in range(200):
+        clock.advance(0.5)
+        unmeasured.on_success(0.0)  # a backend that does not time its calls
+    assert unmeasured.limit == 64 and unmeasured.decreases == 0
+
+
+async def test_loopback_simulator_serving_one_at_a_time(simulator):
+    # the simulator's serve_at_once mode: one completion at a time, 20 ms each, the rest queued; polytask with the
+    # default max_concurrency (64) must settle near 1 in flight from latency alone, with no error and no timeout
+    sim = simulator(serve_at_once=1, latency=0.02)
+    backend = pt.OpenAIBackend("sim-model", base_url=sim.base_url, api_key="sk-test", timeout=10)
+    async with pt.Orchestrator(backend, [pt.Sentiment()]) as orch:
+        first = await orch.run([f"Review {i}: fine." for i in range(120)])
+        sim.stats.max_in_flight = sim.stats.in_flight
+        second = await orch.run([f"Review {i}: good." for i in range(80)])
+    pairs = [p for d in [*first, *second] for p in d.pairs]
+    assert all(p.error is None for p in pairs) and len(pairs) == 200
+    assert sim.stats.outcomes == {"ok": 200} and sim.stats.abandoned == 0
+    assert orch.stats.retries == 0 and orch.concurrency.latency_decreases >= 1
+    assert sim.stats.max_in_flight <= 5  # after convergence: near the 1 it serves at once (64 before)
 
 
 def test_adaptation_off():

@@ -400,6 +400,35 @@ def test_max_concurrency_gives_503_without_rate_limit_headers(simulator: Simulat
     assert sim.stats.max_in_flight >= 2 and sim.stats.outcomes == {"ok": 1, "over_capacity": 2}
 
 
+def test_serve_at_once_queues_first_come_first_served_and_serves_abandoned_requests(
+    simulator: SimulatorFactory,
+) -> None:
+    # one slot, 0.2 s each: three requests at once finish at 0.2, 0.4 and 0.6 s; a client that gives up at 0.3 s
+    # leaves two requests behind, which the server still works on (as llama.cpp and Ollama do), so a request sent
+    # after they were abandoned waits behind them
+    sim = simulator(serve_at_once=1, latency=0.2)
+    url = (sim.base_url or "") + "/chat/completions"
+
+    async def go() -> tuple[list[httpx2.Response | BaseException], float]:
+        async with httpx2.AsyncClient(timeout=0.3) as client:
+            first = await asyncio.gather(
+                *(client.post(url, json=body(str(i))) for i in range(3)), return_exceptions=True
+            )
+        start = time.monotonic()
+        async with httpx2.AsyncClient(timeout=5) as client:
+            assert (await client.post(url, json=body("late"))).status_code == 200
+        return first, time.monotonic() - start
+
+    first, late = run(go())
+    assert sum(isinstance(r, httpx2.Response) and r.status_code == 200 for r in first) == 1
+    assert sum(isinstance(r, httpx2.TimeoutException) for r in first) == 2
+    assert late >= 0.4  # 0.3 s more of abandoned work, then its own 0.2 s
+    stats = sim.stats
+    assert stats.abandoned == 2 and stats.max_queued == 2 and stats.max_in_flight == 3
+    assert stats.max_queue_wait == pytest.approx(0.4, abs=0.1) and stats.queued == 0
+    assert stats.outcomes == {"ok": 2, "cancelled": 2}
+
+
 def test_a_spent_daily_quota_answers_429_asking_to_wait_a_day(simulator: SimulatorFactory) -> None:
     sim = simulator(daily_quota=2)
     assert [post(sim.base_url or "", body(s)).status_code for s in "ab"] == [200, 200]
@@ -423,6 +452,8 @@ def test_config_validation() -> None:
         FaultRates(server_error=0.6, reset=0.6)
     with pytest.raises(ValidationError):
         SimulatorConfig(rpm=0)
+    with pytest.raises(ValidationError):
+        SimulatorConfig(serve_at_once=0)
     with pytest.raises(ValidationError):
         SimulatorConfig(nonsense=1)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):

@@ -244,9 +244,10 @@ class Orchestrator:
         max_pending_documents: documents read ahead of the slowest unfinished one (default ``max(64, 2 ×
             max_concurrency)``): bounds memory for input of any length.
         temperature: sampling temperature of every call (default 0).
-        adaptive_concurrency: shrink the calls in flight on overload signals (503, timeouts, unexplained 429s,
-            latency far above its best) and grow them back (AIMD, :class:`~polytask.concurrency.AdaptiveConcurrency`);
-            the current limit is ``orch.concurrency.limit`` (default: the backend's
+        adaptive_concurrency: shrink the calls in flight on overload signals (503, timeouts, unexplained 429s) and
+            to what the server works on at once when latency shows it queueing them (a local llama.cpp or Ollama),
+            and grow them back (AIMD and TCP Vegas, :class:`~polytask.concurrency.AdaptiveConcurrency`); the
+            current limit is ``orch.concurrency.limit`` (default: the backend's
             ``settings.adaptive_concurrency`` — False for the local backend, whose latency grows with its batch, not
             with overload — else True).
         learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).

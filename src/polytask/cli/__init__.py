@@ -339,12 +339,22 @@ def simulate(
     latency: Annotated[float, typer.Option(help="Median latency, seconds.")] = 0.0,
     oracle: Annotated[Path | None, typer.Option(help="Gold JSONL to answer entities from.")] = None,
     faults: Annotated[float, typer.Option(help="Share of calls failing transiently (429/500/503/reset).")] = 0.0,
+    serve_at_once: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Work on at most N calls at once and queue the rest, as a local llama.cpp or Ollama does (each "
+            "takes --latency once its turn comes; calls whose client gave up are still served).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible simulator until Ctrl-C."""
     from ..testing import serve
 
-    check_numbers(rpm=rpm, tpm=tpm, rpm_window=rpm_window, latency=latency, faults=faults)
-    config = _options.simulator_config(rpm, tpm, latency, oracle, faults).model_copy(update={"rpm_window": rpm_window})
+    check_numbers(rpm=rpm, tpm=tpm, rpm_window=rpm_window, latency=latency, faults=faults, serve_at_once=serve_at_once)
+    config = _options.simulator_config(rpm, tpm, latency, oracle, faults).model_copy(
+        update={"rpm_window": rpm_window, "serve_at_once": serve_at_once}
+    )
     try:
         serve(config, host, port)
     except OSError as error:  # a busy port, an address not on this machine

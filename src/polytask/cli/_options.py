@@ -60,7 +60,18 @@ def parse_tasks(specs: list[str] | None) -> list[Task[Any]]:
 
 def check_numbers(**values: float | None) -> None:
     """Reject impossible settings before anything is opened or started (exit status 2, no traceback)."""
-    positive = ("rpm", "tpm", "timeout", "concurrency", "attempts", "budget", "rate_window", "rpm_window", "deadline")
+    positive = (
+        "rpm",
+        "tpm",
+        "timeout",
+        "concurrency",
+        "attempts",
+        "budget",
+        "rate_window",
+        "rpm_window",
+        "serve_at_once",
+        "deadline",
+    )
     for name, value in values.items():
         if value is None:
             continue

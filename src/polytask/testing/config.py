@@ -99,6 +99,11 @@ class SimulatorConfig(BaseModel):
             ignores ``max_completion_tokens`` (older vLLM, llama.cpp, Ollama): answers run to their full length.
         max_concurrency: a hidden cap: a completion arriving while this many are in flight gets a 503 with no
             rate-limit headers. None = no cap.
+        serve_at_once: a server that works on at most this many completions at once and queues the rest, first in
+            first out, never refusing one (a local llama.cpp or Ollama with N slots): each takes its ``latency`` draw
+            once its turn comes, so ``L`` calls in flight wait about ``L / serve_at_once`` latencies. A request whose
+            client went away (a timeout) is still served when its turn comes, as those servers do, and holds up the
+            ones behind it. None (default) = every request is served at once.
         daily_quota: completion requests let through before a daily quota is spent (it never refills): every later
             one gets a 429 ``rate_limit_exceeded`` on requests per day (RPD) asking to wait
             ``daily_quota_retry_after``. None = no daily quota.
@@ -130,6 +135,7 @@ class SimulatorConfig(BaseModel):
     json_schema_status: int = Field(default=400, ge=400, le=599)
     reads_max_completion_tokens: bool = True
     max_concurrency: int | None = Field(default=None, gt=0)
+    serve_at_once: int | None = Field(default=None, gt=0)
     daily_quota: int | None = Field(default=None, ge=0)
     daily_quota_retry_after: float = Field(default=86_400.0, ge=0)
     rpm_window: float = Field(default=60.0, gt=0, le=60)
@@ -146,14 +152,24 @@ class SimulatorStats(BaseModel):
         outcomes: count per outcome: ``"ok"``, ``"rate_limited"`` (429 from the buckets), ``"over_capacity"``
             (503 from ``max_concurrency``), ``"daily_quota"`` (429 once ``daily_quota`` is spent), ``"bad_request"``
             (400), ``"json_schema_refused"`` (``json_schema_status`` other than 400), and each fault name.
-        in_flight: completion requests being handled now.
+        in_flight: completion requests being handled now (with ``serve_at_once``: being served or queued, their
+            client still waiting).
         max_in_flight: the most ever handled at once.
+        queued: with ``serve_at_once``: completions waiting for their turn now (abandoned ones included).
+        max_queued: the most ever waiting at once.
+        max_queue_wait: the longest a completion waited for its turn, seconds.
+        abandoned: completions whose client went away before the answer (a timeout) while queued or being served:
+            they were served all the same.
     """
 
     received: int = 0
     outcomes: dict[str, int] = Field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
+    queued: int = 0
+    max_queued: int = 0
+    max_queue_wait: float = 0.0
+    abandoned: int = 0
 
     def count(self, outcome: str) -> None:
         """Add one to ``outcomes[outcome]``."""

@@ -15,8 +15,8 @@ Endpoints (each also without the ``/v1`` prefix):
 
 Order of checks for a completion: body validation (400), the hidden concurrency cap (503, no rate-limit
 headers), a spent daily quota (429 with a day-long ``retry-after``), an injected fault is drawn (injected 429s
-answer at once), the RPM/TPM buckets (429 ``rate_limit_exceeded``; the call is charged when admitted), latency, then
-the answer or the drawn fault.
+answer at once), the RPM/TPM buckets (429 ``rate_limit_exceeded``; the call is charged when admitted), latency (with
+``serve_at_once``: the wait for one of its slots first), then the answer or the drawn fault.
 
 Start it with :class:`Simulator` (async), :func:`run_in_thread` (any code) or :func:`serve` (blocking, for a
 CLI).
@@ -121,6 +121,8 @@ class Simulator:
         self._answered_today = 0  # completions counted against ``daily_quota``
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None  # serve_at_once: the slots, first come first served
+        self._work: set[asyncio.Task[None]] = set()  # serve_at_once: completions queued or being served
 
     def app(self) -> web.Application:
         """The aiohttp application (for mounting it yourself)."""
@@ -136,6 +138,8 @@ class Simulator:
         if self._runner is not None:
             raise RuntimeError("the simulator is already running")
         self._stopping = asyncio.Event()
+        if self.config.serve_at_once is not None:
+            self._slots = asyncio.Semaphore(self.config.serve_at_once)
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -158,6 +162,8 @@ class Simulator:
         """Stop listening; requests still sleeping (latency, hang) are woken and dropped."""
         if self._stopping is not None:
             self._stopping.set()
+        if self._work:  # queued completions end at once now (their sleeps return)
+            await asyncio.gather(*self._work, return_exceptions=True)
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -176,6 +182,35 @@ class Simulator:
         assert self._stopping is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _serve(self, seconds: float) -> None:
+        """Wait for a free slot, then work ``seconds`` (``serve_at_once``). The work goes on if the client goes away
+        (the handler is cancelled): an abandoned request keeps its place in the queue and its slot."""
+        work = asyncio.ensure_future(self._queue_and_work(seconds))
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                self.stats.abandoned += 1
+            raise
+
+    async def _queue_and_work(self, seconds: float) -> None:
+        assert self._slots is not None
+        stats = self.stats
+        stats.queued += 1
+        stats.max_queued = max(stats.max_queued, stats.queued)
+        arrived = time.monotonic()
+        try:
+            await self._slots.acquire()
+        finally:
+            stats.queued -= 1
+        try:
+            stats.max_queue_wait = max(stats.max_queue_wait, time.monotonic() - arrived)
+            await self._sleep(seconds)
+        finally:
+            self._slots.release()
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "polytask"}
@@ -317,8 +352,11 @@ class Simulator:
             type_ = decision.kind or "requests"
             return "rate_limited", _error(429, decision.message, type_, "rate_limit_exceeded", headers=headers)
 
-        if cfg.latency > 0:
-            await self._sleep(cfg.latency * math.exp(cfg.latency_sigma * self._latency_rng.gauss(0.0, 1.0)))
+        seconds = cfg.latency * math.exp(cfg.latency_sigma * self._latency_rng.gauss(0.0, 1.0)) if cfg.latency else 0.0
+        if self._slots is not None:
+            await self._serve(seconds)
+        elif seconds > 0:
+            await self._sleep(seconds)
 
         if fault == "server_error":
             message = "The server had an error while processing your request. Sorry about that!"
