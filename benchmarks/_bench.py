@@ -148,7 +148,8 @@ class Contender:
         self._started = 0.0
 
     def start(self) -> Contender:
-        cmd = [*CLIENT_PIN, sys.executable, str(CONTENDER_SCRIPT), json.dumps(self.spec)]
+        python = self.spec.get("python") or sys.executable  # another interpreter, for a library not installed here
+        cmd = [*CLIENT_PIN, python, str(CONTENDER_SCRIPT), json.dumps(self.spec)]
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -139,7 +139,11 @@ async def raw(spec: dict[str, Any], lib: str) -> dict[str, Any]:
     url = spec["base_url"] + "/chat/completions"
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     warm = [build_messages(task, t) for t in _texts(spec, spec.get("warmup", 0), spec.get("seed", 0) + 1000)]
-    msgs = [build_messages(task, t) for t in _texts(spec, spec["calls"], spec.get("seed", 0))]
+    texts = _texts(spec, spec["calls"], spec.get("seed", 0))
+    if spec.get("slice"):
+        i, n = spec["slice"]
+        texts = texts[i::n]
+    msgs = [build_messages(task, t) for t in texts]
     run = Run(len(msgs))
 
     if lib == "httpx2":
@@ -288,11 +292,20 @@ async def litellm_router(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("tpm"):
         params["tpm"] = spec["tpm"]
     kwargs: dict[str, Any] = {"routing_strategy": spec.get("routing_strategy", "usage-based-routing-v2")}
+    if spec.get("redis"):  # LiteLLM's own way to share usage between routers: its Redis cache
+        from urllib.parse import urlsplit
+
+        where = urlsplit(spec["redis"])
+        kwargs.update(redis_host=where.hostname, redis_port=where.port)
     if spec.get("max_retries") is not None:
         kwargs["num_retries"] = spec["max_retries"]
     router = Router(model_list=[{"model_name": "sim", "litellm_params": params}], **kwargs)
     sem = asyncio.Semaphore(spec["concurrency"])
-    msgs = [build_messages(task, t) for t in _texts(spec, spec["calls"], spec.get("seed", 0))]
+    texts = _texts(spec, spec["calls"], spec.get("seed", 0))
+    if spec.get("slice"):
+        i, n = spec["slice"]
+        texts = texts[i::n]
+    msgs = [build_messages(task, t) for t in texts]
     run = Run(len(msgs))
     run.extra["num_retries"] = getattr(router, "num_retries", None)
     rf = _response_format(task)
@@ -359,10 +372,15 @@ async def polytask_run(spec: dict[str, Any]) -> dict[str, Any]:
     fidelity = spec.get("workload") == "fidelity"
     backend = pt.OpenAIBackend(MODEL, base_url=spec["base_url"], api_key=API_KEY, **spec.get("backend", {}))
     options: dict[str, Any] = {"max_concurrency": spec["concurrency"]}
-    if spec.get("rpm"):
-        options["rpm"] = spec["rpm"]
-    if spec.get("tpm"):
-        options["tpm"] = spec["tpm"]
+    if spec.get("redis"):  # one limit shared by every client of the key (benchmarks/shared_limit.py)
+        options["limiter"] = pt.RedisRateLimiter(
+            spec["redis"], key=spec.get("redis_key", "bench"), rpm=spec.get("rpm"), tpm=spec.get("tpm")
+        )
+    else:
+        if spec.get("rpm"):
+            options["rpm"] = spec["rpm"]
+        if spec.get("tpm"):
+            options["tpm"] = spec["tpm"]
     if fidelity:
         options["segmenter"] = _one_sentence
     options.update(spec.get("orchestrator", {}))
@@ -386,6 +404,9 @@ async def polytask_run(spec: dict[str, Any]) -> dict[str, Any]:
         backend.complete = recording  # type: ignore[method-assign]
     warm = _texts(spec, spec.get("warmup", 0), spec.get("seed", 0) + 1000)
     texts = _texts(spec, spec["calls"], spec.get("seed", 0))
+    if spec.get("slice"):  # this client's share of a workload split between several: every n-th call from i
+        i, n = spec["slice"]
+        texts = texts[i::n]
     run = Run(len(texts))
     run.profile_path = spec.get("profile")
     if warm:
