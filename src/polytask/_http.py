@@ -217,6 +217,13 @@ class AiohttpClient:
         self._loop: object | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """The ``ClientTimeout`` of ``seconds`` in all (made once per value)."""
+        limit = self._timeouts.get(seconds)
+        if limit is None:
+            limit = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return limit
+
     def _open(self) -> aiohttp.ClientSession:
         loop = _running_loop()
         if not isinstance(loop, asyncio.AbstractEventLoop):  # the backend chooses httpx2 under trio; yours not
@@ -238,10 +245,7 @@ class AiohttpClient:
         body: bytes,
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes]:
-        session = self._open()
-        limit = self._timeouts.get(timeout)
-        if limit is None:
-            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        session, limit = self._open(), self._timeout(timeout)
         with translate_transport_errors(timeout):
             async with session.post(url, data=body, headers=headers, timeout=limit) as response:
                 return response.status, response.headers, await response.read()
@@ -253,10 +257,7 @@ class AiohttpClient:
         body: bytes,
         timeout: float,  # noqa: ASYNC109
     ) -> tuple[int, Mapping[str, str], bytes | ServerEvents]:
-        session = self._open()
-        limit = self._timeouts.get(timeout)
-        if limit is None:
-            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        session, limit = self._open(), self._timeout(timeout)
         with translate_transport_errors(timeout):
             async with session.post(url, data=body, headers=headers, timeout=limit) as response:
                 if not is_event_stream(response.status, response.headers):
