@@ -1,4 +1,5 @@
-"""Real services for the tests that need them: a ``redis-server`` on 127.0.0.1, started and stopped by a fixture.
+"""Real services for the tests that need them: a ``redis-server`` on 127.0.0.1, started and stopped by a fixture;
+the ``ray`` package (a small local cluster, started by tests/test_ray.py).
 
 Where the binary is missing the tests skip, except where ``POLYTASK_REQUIRE_SERVICES=1`` (``.ci/run`` sets it, after
 installing Debian's ``redis-server``): there a missing service fails them, so CI never passes by skipping them.
@@ -32,6 +33,18 @@ def need(binary: str) -> str:
             pytest.fail(why)
         pytest.skip(why)
     return path
+
+
+def need_module(name: str, extra: str) -> object:
+    """The module ``name``, imported; skips the test when it is missing (fails it under POLYTASK_REQUIRE_SERVICES=1,
+    where CI has installed the ``extra``)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        why = f"{name} is not installed (pip install 'polytask[{extra}]')"
+        if os.environ.get("POLYTASK_REQUIRE_SERVICES") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 class RedisServer:

@@ -18,6 +18,7 @@ EXPECTED = {
     "RequestTooLargeError": (False, False, False, False),
     "RunStopped": (False, False, False, False),
     "BudgetExceededError": (False, True, False, False),
+    "WorkerLostError": (False, True, False, False),
     "BackendError": (False, False, False, False),
     "BackendClosedError": (False, True, False, False),
     "CircuitOpenError": (True, False, False, True),

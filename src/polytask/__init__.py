@@ -57,6 +57,7 @@ from .exceptions import (
     ServerError,
     ServerUnreachableError,
     UnprocessableEntityError,
+    WorkerLostError,
 )
 from .limits import Clock, MonotonicClock, RateLimiter
 from .orchestrator import Orchestrator, RunStats, run_sync
@@ -77,6 +78,7 @@ from .traces import CallEvent, JsonlTrace
 
 if TYPE_CHECKING:
     from .backends.transformers import TransformersBackend
+    from .ray_runner import RayOrchestrator
     from .redis_limiter import RedisRateLimiter
 
 
@@ -131,6 +133,7 @@ __all__ = [
     "RateLimitError",
     "RateLimitHeaders",
     "RateLimiter",
+    "RayOrchestrator",
     "RedisRateLimiter",
     "RefusalError",
     "RequestCache",
@@ -148,6 +151,7 @@ __all__ = [
     "TransformersBackend",
     "UnprocessableEntityError",
     "Usage",
+    "WorkerLostError",
     "__version__",
     "analyze",
     "analyze_sync",
@@ -162,6 +166,10 @@ def __getattr__(name: str) -> Any:
         from .redis_limiter import RedisRateLimiter
 
         return RedisRateLimiter
+    if name == "RayOrchestrator":  # imports ray only when it runs
+        from .ray_runner import RayOrchestrator
+
+        return RayOrchestrator
     if name == "TransformersBackend":
         from .backends.transformers import TransformersBackend
 

@@ -12,6 +12,7 @@ most specific first, so callers never catch a third-party exception type::
     ├── DeadlineExceededError       a pair not done by the caller's ``deadline``: its call was cancelled
     ├── LimiterUnavailableError     the shared rate limit (Redis) cannot be reached: stops the run
     ├── BudgetExceededError         the next call could take the run past its budget (USD): stops the run
+    ├── WorkerLostError             a batch of documents lost its Ray worker more than ``max_retries`` times: stops
     ├── BackendError                the call did not produce an answer
     │   ├── BackendClosedError      the backend was closed: stops the run          (never retried)
     │   ├── CircuitOpenError        held by the open circuit breaker; a probe failed (retried)
@@ -80,6 +81,7 @@ __all__ = [
     "ServerError",
     "ServerUnreachableError",
     "UnprocessableEntityError",
+    "WorkerLostError",
     "is_fatal_to_run",
     "is_outage_sign",
     "is_retryable",
@@ -191,6 +193,24 @@ class LimiterUnavailableError(PolytaskError):
     done; rerun once Redis is back, or give the limiter a ``fallback_share``."""
 
     fatal_to_run = True
+
+
+class WorkerLostError(PolytaskError):
+    """A batch of documents run on Ray (:mod:`polytask.ray_runner`) could not be finished: its worker died (or the
+    task failed in Ray itself) on every one of its ``max_retries + 1`` tries. The run stops; the documents finished
+    are kept, and a rerun (with the request cache) pays only for the rest.
+
+    Attributes:
+        batch: the batch's index (0-based, in input order).
+        documents: the ids of the documents in it.
+    """
+
+    fatal_to_run = True
+
+    def __init__(self, message: str, *, batch: int = -1, documents: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.batch = batch
+        self.documents = documents
 
 
 class BudgetExceededError(PolytaskError):

@@ -147,6 +147,12 @@ def _late(deadline: float | None) -> str:
     return f"the caller's deadline of {deadline:g} s passed"
 
 
+def coerce_document(item: Any, position: int) -> Document:
+    """``item`` (any :data:`DocumentInput`) as the :class:`Document` an orchestrator makes of it at ``position``
+    (0-based; the id of a document given without one). Raises :class:`~polytask.InputError` as a run would."""
+    return _coerce(item, position)
+
+
 def _coerce(item: Any, position: int) -> Document:
     document = _document(item, position)
     problem = surrogate_problem(document.text)

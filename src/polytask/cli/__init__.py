@@ -13,6 +13,7 @@ partial file holds are not asked again (``--restart`` starts over), see :mod:`po
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,7 @@ from ..backends.base import settings_of
 from ..cache import default_cache_path
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator
+from ..ray_runner import RayOrchestrator
 from ..retry import RetryPolicy
 from ..tools import AnalyzeTool
 from . import _options
@@ -193,6 +195,37 @@ def run(
     allow_partial: Annotated[
         bool, typer.Option(help="Exit 0 when every document was written, even if some pairs failed (partial).")
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Spread the documents over Ray workers (openai backend; pip install 'polytask[ray]'): a local "
+            "cluster with this machine's CPUs, or the one at --ray-address. Without --redis the workers share the "
+            "limit through a Ray actor.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(metavar="ADDRESS", help="With --ray: a running cluster ('auto', ray://host:10001)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="With --ray: batches run at once (default: the cluster's CPUs)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="With --ray: documents per batch (a dead worker's batch is run again elsewhere).")
+    ] = 16,
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="Share the RPM / TPM limit through Redis with every process naming the same --limit-key "
+            "(redis://host:6379/0; pip install 'polytask[redis]').",
+        ),
+    ] = None,
+    limit_key: Annotated[
+        str | None, typer.Option(metavar="KEY", help="The shared limit's name in Redis (with --redis).")
+    ] = None,
 ) -> None:
     """Run tasks on every sentence of every document in INPUT and write one merged result per line to OUTPUT."""
     check_numbers(
@@ -231,6 +264,20 @@ def run(
                 "--simulate-latency": simulate_latency or None,
             }
         )
+    check_numbers(workers=workers, batch_size=batch_size)
+    if (redis is None) != (limit_key is None):
+        fail("--redis and --limit-key go together: the Redis URL and the shared limit's name")
+    if not ray and (workers is not None or batch_size != 16 or ray_address is not None):
+        fail("--workers, --batch-size and --ray-address apply to --ray")
+    if ray:
+        for flag, given in (("--backend local", backend == "local"), ("--budget", budget), ("--trace", trace)):
+            if given:
+                fail(
+                    f"{flag} is not available with --ray (the local backend on Ray: polytask.RayOrchestrator with "
+                    "num_gpus=1, see the README's 'On Ray')"
+                    if flag == "--backend local"
+                    else f"{flag} is not available with --ray yet: each worker would keep its own"
+                )
     tasks = parse_tasks(task)
     if no_cache and cache is not None:
         fail("--cache and --no-cache contradict each other: pass one")
@@ -270,20 +317,61 @@ def run(
             why, code = signals.interruption()
             err.print(f"[red]{why}:[/] nothing was written", soft_wrap=True)
             raise typer.Exit(code) from None
+        limiter = None
+        if redis is not None and limit_key is not None and not ray:
+            from ..redis_limiter import RedisRateLimiter
+
+            try:
+                limiter = RedisRateLimiter(redis, key=limit_key, rpm=rpm, tpm=tpm, window=rate_window)
+            except PolytaskError as error:
+                fail(str(error))
         try:
-            orch = Orchestrator(
+            orch: Orchestrator | RayOrchestrator = Orchestrator(
                 the_backend,
                 tasks,
                 max_concurrency=concurrency,
                 retry=RetryPolicy(attempts=attempts),
                 max_outage=max_outage or None,
-                rate_window=rate_window,
+                limiter=limiter,
+                rate_window=None if limiter is not None else rate_window,
                 context_sentences=context,
                 cache=None if no_cache else (cache or default_cache_path()),
                 prices=prices,
                 budget=budget,
                 on_call=stack.enter_context(open_trace(trace)) if trace is not None and not dry_run else None,
             )
+            if ray and not dry_run:
+                anyio.run(orch.aclose)  # it only checked the options: the workers make their own
+                orch = RayOrchestrator(
+                    functools.partial(
+                        _options.make_backend,
+                        backend,
+                        model,
+                        base_url,
+                        rpm,
+                        tpm,
+                        timeout,
+                        identity,
+                        structured_outputs=structured_outputs,
+                        max_tokens_param=max_tokens_param,
+                        stream=stream,
+                    ),
+                    tasks,
+                    workers=workers,
+                    batch_size=batch_size,
+                    limiter_url=redis,
+                    limiter_key=limit_key,
+                    rpm=rpm,
+                    tpm=tpm,
+                    rate_window=rate_window,
+                    cache=None if no_cache else (cache or default_cache_path()),
+                    address=ray_address,
+                    max_concurrency=concurrency,
+                    retry=RetryPolicy(attempts=attempts),
+                    max_outage=max_outage or None,
+                    context_sentences=context,
+                    prices=prices,
+                )
         except PolytaskError as error:
             fail(str(error))
         source = Input(in_path, text_field, id_field)
@@ -291,6 +379,7 @@ def run(
         if problem is not None:
             fail(problem)
         if dry_run:
+            assert isinstance(orch, Orchestrator)
             try:
                 plan = orch.dry_run(source.documents())
             finally:

@@ -71,6 +71,8 @@ def check_numbers(**values: float | None) -> None:
         "rpm_window",
         "serve_at_once",
         "deadline",
+        "workers",
+        "batch_size",
     )
     for name, value in values.items():
         if value is None:

@@ -19,6 +19,7 @@ from ..costs import format_usd
 from ..dry_run import DryRun
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator, RunStats
+from ..ray_runner import RayOrchestrator
 from . import _jsonl
 from ._exits import INVALID, PIPE_CLOSED, STOPPED, err, fail, holds, keep_partial, signals, stops
 from ._journal import Journal
@@ -92,7 +93,7 @@ def dry_run_table(plan: DryRun, invalid: int) -> Table:
 
 
 async def run_job(
-    orch: Orchestrator,
+    orch: Orchestrator | RayOrchestrator,
     source: Input,
     writer: Writer | Journal,
     progress: Progress,
@@ -156,7 +157,7 @@ async def run_job(
     return code
 
 
-def write_stdout(orch: Orchestrator, source: Input, show: Progress, allow_partial: bool) -> int:
+def write_stdout(orch: Orchestrator | RayOrchestrator, source: Input, show: Progress, allow_partial: bool) -> int:
     """Each line as soon as it is in order; an interrupted run keeps what was printed."""
     try:
         return anyio.run(run_job, orch, source, Writer(sys.stdout), show, allow_partial)
@@ -169,7 +170,9 @@ def write_stdout(orch: Orchestrator, source: Input, show: Progress, allow_partia
         raise
 
 
-def write_file(orch: Orchestrator, source: Input, journal: Journal, show: Progress, allow_partial: bool) -> int:
+def write_file(
+    orch: Orchestrator | RayOrchestrator, source: Input, journal: Journal, show: Progress, allow_partial: bool
+) -> int:
     """Through ``journal`` (the output's partial file): the output is assembled once every document has its line;
     the partial file stays for the rerun when the run stopped early (exit 2), was interrupted or died."""
     try:
