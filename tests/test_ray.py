@@ -156,6 +156,24 @@ def test_cli_ray_writes_every_line_in_input_order(cluster, tmp_path):
     assert not (tmp_path / ".out.jsonl.partial").exists()
 
 
+def test_cli_ray_stopped_by_a_quota_resumes_paying_only_for_the_rest(cluster, tmp_path):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Line {i} is fine."}) + "\n" for i in range(12)))
+    with run_in_thread(SimulatorConfig(daily_quota=4)) as sim:  # the key's daily quota: 4 answers, then 429s
+        args = [source, "-o", out, "-t", "sentiment", "--base-url", sim.base_url, "--ray", "--batch-size", "2"]
+        stopped = run_cli(*args, "--concurrency", "1", "--workers", "1")
+        assert stopped.exit_code == 2, stopped.output
+        assert (tmp_path / ".out.jsonl.partial").exists()  # kept for the rerun
+        answered = sim.stats.outcomes.get("ok", 0)
+        sim.config = sim.config.model_copy(update={"daily_quota": None})  # the next day
+        again = run_cli(*args)
+        assert again.exit_code == 0, again.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"d{i}" for i in range(12)] and not any(line["partial"] for line in lines)
+    assert sim.stats.outcomes["ok"] == 12 and answered == 4  # each answer paid once, across the two runs
+    assert not (tmp_path / ".out.jsonl.partial").exists()
+
+
 # -- SharedLimit's buckets, on a fake clock ------------------------------------------------------------------------
 
 
