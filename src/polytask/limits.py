@@ -35,7 +35,17 @@ from ._checks import check_positive
 from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, RequestTooLargeError
 
-__all__ = ["Clock", "Limiter", "MonotonicClock", "RateLimiter", "Reservation", "TokenBucket", "check_window"]
+__all__ = [
+    "Clock",
+    "Limiter",
+    "MonotonicClock",
+    "RateLimiter",
+    "Reservation",
+    "TokenBucket",
+    "check_window",
+    "drained",
+    "shared_observation",
+]
 
 _RECHECK = 5.0  # seconds: the longest a waiting call sleeps before it looks at learned limits again
 
@@ -74,6 +84,29 @@ class Limiter(Protocol):
     def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> Awaitable[None] | None: ...
 
     def observe(self, limits: RateLimitHeaders | None) -> Awaitable[None] | None: ...
+
+
+def drained(limits: RateLimitHeaders | None) -> tuple[bool, bool]:
+    """Which buckets a 429 says ran out, ``(requests, tokens)``: the one(s) it reports with 0 remaining, both when it
+    does not say (what a shared limiter's pause empties)."""
+    said = limits is not None and (limits.remaining_requests == 0 or limits.remaining_tokens == 0)
+    if not said or limits is None:
+        return True, True
+    return limits.remaining_requests == 0, limits.remaining_tokens == 0
+
+
+def shared_observation(limits: RateLimitHeaders | None, learning: bool) -> tuple[float, float, float, float] | None:
+    """What a shared limiter stores of one response's headers: ``(rpm, tpm, remaining requests, remaining tokens)``,
+    a limit 0 where it is not learned (not learning, not said, or a per-day limit: its reset is over a minute), a
+    remaining -1 where not said; None when there is nothing to store."""
+    if limits is None:
+        return None
+    rpm = limits.limit_requests if learning and (limits.reset_requests or 0) <= 60 else None
+    tpm = limits.limit_tokens if learning and (limits.reset_tokens or 0) <= 60 else None
+    left_r, left_t = limits.remaining_requests, limits.remaining_tokens
+    if rpm is None and tpm is None and left_r is None and left_t is None:
+        return None
+    return float(rpm or 0), float(tpm or 0), -1.0 if left_r is None else left_r, -1.0 if left_t is None else left_t
 
 
 class MonotonicClock:

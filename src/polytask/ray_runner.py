@@ -45,7 +45,7 @@ from .exceptions import (
     WorkerLostError,
     is_fatal_to_run,
 )
-from .limits import Clock, MonotonicClock, Reservation, check_window
+from .limits import Clock, MonotonicClock, Reservation, check_window, drained, shared_observation
 from .orchestrator import DocumentInput, Orchestrator, RunStats, coerce_document
 from .tasks.base import Task
 
@@ -250,22 +250,12 @@ class ActorRateLimiter:
 
     def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> Awaitable[None] | None:
         """Every worker waits ``seconds``; the bucket that ran out (both when the 429 does not say) resumes paced."""
-        said = limits is not None and (limits.remaining_requests == 0 or limits.remaining_tokens == 0)
-        drain_r = not said or (limits is not None and limits.remaining_requests == 0)
-        drain_t = not said or (limits is not None and limits.remaining_tokens == 0)
-        return self._quietly("pause", max(0.0, float(seconds)), drain_r, drain_t)
+        return self._quietly("pause", max(0.0, float(seconds)), *drained(limits))
 
     def observe(self, limits: RateLimitHeaders | None) -> Awaitable[None] | None:
         """Share what a response's ``x-ratelimit-*`` headers say (learned limits, what is left)."""
-        if limits is None:
-            return None
-        learn_r = limits.limit_requests if self.learning and (limits.reset_requests or 0) <= 60 else None
-        learn_t = limits.limit_tokens if self.learning and (limits.reset_tokens or 0) <= 60 else None
-        left_r, left_t = limits.remaining_requests, limits.remaining_tokens
-        if learn_r is None and learn_t is None and left_r is None and left_t is None:
-            return None
-        values = (learn_r or 0, learn_t or 0, -1 if left_r is None else left_r, -1 if left_t is None else left_t)
-        return self._quietly("observe", *(float(v) for v in values))
+        values = shared_observation(limits, self.learning)
+        return None if values is None else self._quietly("observe", *values)
 
 
 # -- what runs in a worker -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import anyio
 from ._checks import check_positive
 from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, LimiterUnavailableError, RequestTooLargeError
-from .limits import Clock, MonotonicClock, RateLimiter, Reservation, check_window
+from .limits import Clock, MonotonicClock, RateLimiter, Reservation, check_window, drained, shared_observation
 
 __all__ = ["RedisRateLimiter"]
 
@@ -303,24 +303,17 @@ class RedisRateLimiter:
     def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> Awaitable[None] | None:
         """Every client of the key waits ``seconds`` (a 429's Retry-After); the bucket that ran out (both when the
         429 does not say) resumes at its refill rate. Returns the round trip to Redis, to await."""
-        said = limits is not None and (limits.remaining_requests == 0 or limits.remaining_tokens == 0)
-        drain_r = "1" if not said or (limits is not None and limits.remaining_requests == 0) else "0"
-        drain_t = "1" if not said or (limits is not None and limits.remaining_tokens == 0) else "0"
+        drain_r, drain_t = ("1" if drain else "0" for drain in drained(limits))
         if self._fallback is not None:
             self._fallback.pause(seconds, limits)
         return self._quietly("pause", _PAUSE, repr(max(0.0, float(seconds))), drain_r, drain_t)
 
     def observe(self, limits: RateLimitHeaders | None) -> Awaitable[None] | None:
         """Share what a response's ``x-ratelimit-*`` headers say: the limits (when learning) and what is left."""
-        if limits is None:
+        values = shared_observation(limits, self.learning)
+        if values is None:
             return None
-        learn_r = limits.limit_requests if self.learning and (limits.reset_requests or 0) <= 60 else None
-        learn_t = limits.limit_tokens if self.learning and (limits.reset_tokens or 0) <= 60 else None
-        left_r, left_t = limits.remaining_requests, limits.remaining_tokens
-        if learn_r is None and learn_t is None and left_r is None and left_t is None:
-            return None
-        values = (learn_r or 0, learn_t or 0, -1 if left_r is None else left_r, -1 if left_t is None else left_t)
-        return self._quietly("observe", _OBSERVE, *(repr(float(v)) for v in values))
+        return self._quietly("observe", _OBSERVE, *(repr(v) for v in values))
 
     async def _quietly(self, name: str, source: str, *extra: str) -> None:
         """Run an update script; while Redis is away the update is dropped (the next acquire says so, or falls
