@@ -239,6 +239,7 @@ def test_interrupted_run_keeps_finished_documents_and_says_where(tmp_path, monke
     (kept,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert kept.name in result.output.replace("\n", "") and "rerun the same command" in result.output
     assert summary_value(result.output, "lines written") == "5"  # the summary, on Ctrl-C too
+    assert "5 finished document(s) kept" in " ".join(result.output.split())  # counted once, not twice
     lines = partial_records(kept)
     assert len(lines) == 5 and all("results" in r for r in lines)
 

@@ -164,3 +164,24 @@ async def test_redis_stopped_mid_run_stops_the_run_keeping_the_work_done(redis_s
     assert len(kept) >= 5 and all(not r.partial for r in kept[:5])
     assert sim.stats.outcomes.get("ok", 0) < 50  # nothing sent without the limit
     await lim.aclose()
+
+
+async def test_the_fallback_keeps_the_short_window_and_a_password_is_never_shown():
+    from polytask.testing.clock import FakeClock
+
+    clock = FakeClock()
+    url = "redis://127.0.0.1:1/0?password=s3cret-pw"  # nothing listens on port 1
+    lim = pt.RedisRateLimiter(url, key="fb", rpm=600, window=1, headroom=0, fallback_share=0.5, clock=clock)
+    times = []
+    for _ in range(10):
+        await lim.acquire(0)
+        times.append(round(clock.now(), 6))
+    assert times[:5] == [0.0] * 5 and times[5:] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # 5 at once, 5 a second
+    strict = pt.RedisRateLimiter(url, key="fb", rpm=600, timeout=0.5)
+    with pytest.raises(pt.LimiterUnavailableError) as info:
+        await strict.acquire(0)
+    assert "s3cret" not in str(info.value) and "redis://127.0.0.1:1/0" in str(info.value)
+    with pytest.raises(pt.ConfigurationError, match="cannot be used") as bad:
+        pt.RedisRateLimiter("http://user:s3cret@example/0", key="fb")
+    assert "s3cret" not in str(bad.value)
+    await lim.aclose(), await strict.aclose()

@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Awaitable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
@@ -127,6 +128,15 @@ return 0
 )
 
 
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown: scheme, host, port and path only (no ``user:password@``, no query such as
+    ``?password=…``)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    hidden = "***@" if "@" in parts.netloc else ""
+    return urlunsplit((parts.scheme, hidden + host, parts.path, "***" if parts.query else "", ""))
+
+
 class RedisRateLimiter:
     """RPM and TPM limits shared, through Redis, by every client that names the same ``key``.
 
@@ -182,7 +192,7 @@ class RedisRateLimiter:
             raise ConfigurationError("key must name the shared limit (e.g. your organisation), a non-empty string")
         try:
             import redis.asyncio as aioredis
-            from redis.exceptions import RedisError
+            from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
         except ImportError:
             raise ConfigurationError("RedisRateLimiter needs redis-py: pip install 'polytask[redis]'") from None
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -195,9 +205,13 @@ class RedisRateLimiter:
         self._caps = (rpm, tpm)
         self.learning = rpm is None or tpm is None
         self._rpm, self._tpm = rpm, tpm  # as the last script said (learned ones included)
-        self._redis = client or aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
+        try:
+            self._redis = client or aioredis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+            )
+        except ValueError as error:  # not a redis:// / rediss:// / unix:// URL
+            raise ConfigurationError(f"the Redis URL {shown_url(url)} cannot be used: {error}") from None
+        self._refused: tuple[type[BaseException], ...] = (AuthenticationError, AuthorizationError, ResponseError)
         self._owns_client = client is None
         self._scripts: dict[str, Any] = {}
         self.fallback_share = fallback_share
@@ -228,18 +242,23 @@ class RedisRateLimiter:
         return await script(keys=[self.hash], args=[*self._args(), *extra])
 
     def _shown_url(self) -> str:
-        head, at, tail = self.url.rpartition("@")
-        return f"{head.split('//')[0]}//***@{tail}" if at else self.url
+        return shown_url(self.url)
 
     def _unavailable(self, error: BaseException) -> LimiterUnavailableError:
         return LimiterUnavailableError(
             f"the shared rate limit {self.key!r} at {self._shown_url()} cannot be reached ({type(error).__name__}: "
-            f"{error}); no call is sent without it. Start Redis again and rerun (the work done is kept), or pass "
-            "fallback_share= to go on under a share of the limit in this process"
+            f"{error}); no call is sent without it. Start Redis again and rerun (the work done is kept), or (in "
+            "Python) give RedisRateLimiter a fallback_share= to go on under a share of the limit in this process"
         )
 
     def _use_fallback(self, error: BaseException) -> RateLimiter:
         """The local limiter to go on with while Redis is away (``fallback_share``), or raise."""
+        if isinstance(error, self._refused):  # a wrong password or ACL: settings, not an outage — never fall back
+            raise LimiterUnavailableError(
+                f"Redis at {self._shown_url()} refused the shared rate limit {self.key!r} ({type(error).__name__}: "
+                f"{error}): check the URL's credentials and the user's rights (EVALSHA, HSET, EXPIRE on "
+                f"{self.hash!r})"
+            ) from error
         if self.fallback_share is None:
             raise self._unavailable(error) from error
         if self._fallback is None:
@@ -251,7 +270,7 @@ class RedisRateLimiter:
                 type(error).__name__,
                 self.fallback_share,
             )
-            self._fallback = RateLimiter(rpm, tpm, clock=self.clock, headroom=self.headroom)
+            self._fallback = RateLimiter(rpm, tpm, clock=self.clock, headroom=self.headroom, window=self.window)
         self._down_since = self.clock.now()
         return self._fallback
 

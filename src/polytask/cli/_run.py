@@ -179,7 +179,8 @@ def write_file(
         code = anyio.run(run_job, orch, source, journal, show, allow_partial)
     except BaseException as error:
         journal.close(remove=False)
-        keep_partial(journal.path, journal.written + journal.finished, journal.output, error)
+        keep_partial(journal.path, journal.finished, journal.output, error)  # this run's and earlier runs'
+
         raise
     if journal.mismatch:  # the input is not the one the partial file was written for: nothing is assembled
         journal.close(remove=False)
