@@ -143,7 +143,8 @@ def test_pause_wave_and_agent_turns_run_in_process() -> None:
 
         rows = pause_wave.main(["--calls", "20", "--rpm", "6000", "--latency", "0.01"])
         assert len(rows) == 8 and all(row[1] + row[2] == 20 for row in rows)  # every call answered or failed
-        assert [row[4] for row in rows if str(row[0]).startswith(("known", "learned"))] == [0, 0, 0]
+        # (the count of 429s after the pause is the benchmark's figure, not a smoke check: at this tiny size calls sent
+        # before the pause can arrive after it; tests/test_rate_limit_waves.py checks it by the time each call was sent)
         shared, own = agent_calls.turns(10, 6000)
         assert shared[:3] == ["one shared orchestrator", 10, 0] and own[1] == 10
     finally:

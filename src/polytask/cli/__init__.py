@@ -16,10 +16,11 @@ import contextlib
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import typer
+from rich.console import Console
 
 from .._version import __version__
 from ..backends.base import settings_of
@@ -606,6 +607,113 @@ def mcp(
             _mcp.serve(tool, job)
         except KeyboardInterrupt:
             raise typer.Exit(signals.interruption()[1]) from None
+
+
+@app.command(name="eval")
+def eval_(
+    gold: Annotated[
+        Path,
+        typer.Argument(
+            help="Gold JSON Lines (the format of examples/ewt_dev.jsonl): id, text, and any of sentences, entities, "
+            "sentiment."
+        ),
+    ],
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", "-t", help="Tasks to run (default: entities, and sentiment when the gold has it)."),
+    ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE[,KEY=VALUE]",
+            help="A configuration to run and score, side by side with the others (repeat it): model, context, "
+            "concurrency, temperature, structured_outputs, max_tokens_param, stream, simulate_faults.",
+        ),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
+    model: Annotated[str | None, typer.Option(help="Model name (openai) or local path (local).")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")
+    ] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests-per-minute limit.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Most calls in flight.")] = None,
+    context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
+    price_in: Annotated[float | None, typer.Option(metavar="USD", help="USD per million prompt tokens.")] = None,
+    price_out: Annotated[float | None, typer.Option(metavar="USD", help="USD per million completion tokens.")] = None,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            help="Against the built-in simulator answering from the gold itself: a check of the pipeline (offsets, "
+            "merging, alignment), not of a model."
+        ),
+    ] = False,
+    simulate_faults: Annotated[float, typer.Option(help="Share of simulated calls that fail transiently.")] = 0.0,
+) -> None:
+    """Run the job on GOLD and print sentence-boundary and entity precision / recall / F1 (per label too), sentiment
+    accuracy, calls, tokens, dollars, wall time and peak memory; several configurations side by side with
+    --compare."""
+    from . import _eval
+
+    check_numbers(
+        rpm=rpm,
+        tpm=tpm,
+        timeout=timeout,
+        concurrency=concurrency,
+        context=context,
+        simulate_faults=simulate_faults,
+        price_in=price_in,
+        price_out=price_out,
+    )
+    prices = check_prices(price_in, price_out)
+    if not gold.is_file():
+        fail(f"the gold file {gold} does not exist")
+    records = _eval.read_gold(gold)
+    settings = _eval.parse_compare(compare or [])
+    if task:
+        tasks = parse_tasks(task)
+    else:
+        tasks = parse_tasks(["entities", *(["sentiment"] if any("sentiment" in r for r in records) else [])])
+    show_warnings()
+    with contextlib.ExitStack() as stack:
+
+        def make(setting: dict[str, Any]) -> Orchestrator:
+            url, identity = base_url, None
+            faults = setting.get("simulate_faults", simulate_faults)
+            if simulate or "simulate_faults" in setting:
+                from ..testing import run_in_thread
+
+                config = _options.simulator_config(rpm, tpm, 0.0, gold, faults)
+                url = stack.enter_context(run_in_thread(config)).base_url
+                identity = _options.simulator_identity(config, gold)
+            the_backend = _options.make_backend(
+                backend,
+                setting.get("model", model),
+                url,
+                rpm,
+                tpm,
+                timeout,
+                identity,
+                structured_outputs=setting.get("structured_outputs", "json_schema"),
+                max_tokens_param=setting.get("max_tokens_param", "auto"),
+                stream=setting.get("stream", False),
+            )
+            return Orchestrator(
+                the_backend,
+                tasks,
+                max_concurrency=setting.get("concurrency", concurrency),
+                context_sentences=setting.get("context", context),
+                temperature=setting.get("temperature", 0.0),
+                prices=prices,
+            )
+
+        try:
+            runs = _eval.evaluate(records, settings, make)
+        except PolytaskError as error:
+            fail(str(error))
+    console = Console()
+    console.print(_eval.table(gold, runs))
 
 
 def main() -> None:
