@@ -17,12 +17,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from polytask.evaluate import boundaries  # noqa: E402
 from polytask.segment import segment  # noqa: E402
 
 Spans = list[tuple[int, int]]
@@ -32,19 +33,6 @@ DATASETS = (("ewt_dev.jsonl", "en"), ("zh_gsd_dev.jsonl", "zh"))
 def load(path: Path) -> list[dict[str, object]]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def boundaries(text: str, spans: Iterable[tuple[int, int]]) -> set[int]:
-    """Normalised sentence ends (after the last non-space character), without the document's last one."""
-    ends = set()
-    for start, end in spans:
-        while end > start and text[end - 1].isspace():
-            end -= 1
-        if end > start:
-            ends.add(end)
-    stripped_end = len(text.rstrip())
-    ends.discard(stripped_end)
-    return ends
 
 
 def one_per_line(doc: dict[str, object]) -> dict[str, object]:

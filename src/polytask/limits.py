@@ -42,6 +42,7 @@ __all__ = [
     "RateLimiter",
     "Reservation",
     "TokenBucket",
+    "check_limits",
     "check_window",
     "drained",
     "shared_observation",
@@ -84,6 +85,22 @@ class Limiter(Protocol):
     def pause(self, seconds: float, limits: RateLimitHeaders | None = None) -> Awaitable[None] | None: ...
 
     def observe(self, limits: RateLimitHeaders | None) -> Awaitable[None] | None: ...
+
+
+def check_limits(rpm: float | None, tpm: float | None, headroom: float, window: float | None) -> None:
+    """The settings every rate limiter takes (:class:`RateLimiter`, :class:`~polytask.RedisRateLimiter`, the Ray
+    runner's shared limit), checked alike.
+
+    Raises:
+        ConfigurationError: a limit that is not a finite number > 0, a headroom outside [0, 1), a window outside
+            (0, 60].
+    """
+    check_positive("rpm", rpm)
+    check_positive("tpm", tpm)
+    if window is not None:
+        check_window(window)
+    if not 0 <= headroom < 1:
+        raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
 
 
 def drained(limits: RateLimitHeaders | None) -> tuple[bool, bool]:
@@ -229,12 +246,7 @@ class RateLimiter:
         headroom: float = 0.01,
         window: float | None = None,
     ) -> None:
-        check_positive("rpm", rpm)
-        check_positive("tpm", tpm)
-        if window is not None:
-            check_window(window)
-        if not 0 <= headroom < 1:
-            raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
+        check_limits(rpm, tpm, headroom, window)
         if accounting not in ("max_tokens", "usage"):
             raise ConfigurationError(f"accounting must be 'max_tokens' or 'usage', got {accounting!r}")
         self.clock: Clock = clock or MonotonicClock()

@@ -45,7 +45,7 @@ from .exceptions import (
     WorkerLostError,
     is_fatal_to_run,
 )
-from .limits import Clock, MonotonicClock, Reservation, check_window, drained, shared_observation
+from .limits import Clock, MonotonicClock, Reservation, check_limits, check_window, drained, shared_observation
 from .orchestrator import DocumentInput, Orchestrator, RunStats, coerce_document
 from .tasks.base import Task
 
@@ -100,12 +100,7 @@ class SharedLimit:
         window: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        check_positive("rpm", rpm)
-        check_positive("tpm", tpm)
-        if window is not None:
-            check_window(window)
-        if not 0 <= headroom < 1:
-            raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
+        check_limits(rpm, tpm, headroom, window)
         self._cfg = (float(rpm or 0), float(tpm or 0))
         self._learned = (0.0, 0.0)
         self.headroom = headroom

@@ -37,7 +37,7 @@ import anyio
 from ._checks import check_positive
 from .chat import RateLimitHeaders
 from .exceptions import ConfigurationError, LimiterUnavailableError, RequestTooLargeError
-from .limits import Clock, MonotonicClock, RateLimiter, Reservation, check_window, drained, shared_observation
+from .limits import Clock, MonotonicClock, RateLimiter, Reservation, check_limits, drained, shared_observation
 
 __all__ = ["RedisRateLimiter"]
 
@@ -178,14 +178,9 @@ class RedisRateLimiter:
         timeout: float = 2.0,
         client: Any = None,
     ) -> None:
-        check_positive("rpm", rpm)
-        check_positive("tpm", tpm)
+        check_limits(rpm, tpm, headroom, window)
         check_positive("retry_every", retry_every, allow_none=False)
         check_positive("timeout", timeout, allow_none=False)
-        if window is not None:
-            check_window(window)
-        if not 0 <= headroom < 1:
-            raise ConfigurationError(f"headroom must be a share in [0, 1), got {headroom!r}")
         if fallback_share is not None and not 0 < fallback_share <= 1:
             raise ConfigurationError(f"fallback_share must be a share in (0, 1], got {fallback_share!r}")
         if not key or not isinstance(key, str):
