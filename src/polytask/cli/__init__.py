@@ -295,11 +295,8 @@ def run(
     with contextlib.ExitStack() as stack, signals.handling_sigterm():
         identity = None
         if simulated:
-            from ..testing import run_in_thread
-
-            config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
-            base_url = stack.enter_context(run_in_thread(config)).base_url
-            identity = _options.simulator_identity(config, simulate_oracle)
+            args = (rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
+            base_url, identity = _options.start_simulator(stack, *args)
         try:
             the_backend = _options.make_backend(
                 backend,
@@ -564,11 +561,8 @@ def mcp(
     with contextlib.ExitStack() as stack:
         identity = None
         if simulated:
-            from ..testing import run_in_thread
-
-            config = _options.simulator_config(rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
-            base_url = stack.enter_context(run_in_thread(config)).base_url
-            identity = _options.simulator_identity(config, simulate_oracle)
+            args = (rpm, tpm, simulate_latency, simulate_oracle, simulate_faults)
+            base_url, identity = _options.start_simulator(stack, *args)
         the_backend = _options.make_backend(
             backend,
             model,
@@ -680,13 +674,9 @@ def eval_(
 
         def make(setting: dict[str, Any]) -> Orchestrator:
             url, identity = base_url, None
-            faults = setting.get("simulate_faults", simulate_faults)
             if simulate or "simulate_faults" in setting:
-                from ..testing import run_in_thread
-
-                config = _options.simulator_config(rpm, tpm, 0.0, gold, faults)
-                url = stack.enter_context(run_in_thread(config)).base_url
-                identity = _options.simulator_identity(config, gold)
+                faults = setting.get("simulate_faults", simulate_faults)
+                url, identity = _options.start_simulator(stack, rpm, tpm, 0.0, gold, faults)
             the_backend = _options.make_backend(
                 backend,
                 setting.get("model", model),

@@ -3,6 +3,7 @@ naming it): the tasks, the numbers, the prices, the paths, and the backend (or t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -224,6 +225,23 @@ def open_trace(path: Path) -> Any:
         return JsonlTrace(path)
     except OSError as error:
         fail(f"--trace {path}: cannot write it ({error.strerror or error})")
+
+
+def start_simulator(
+    stack: contextlib.ExitStack[Any],
+    rpm: float | None,
+    tpm: float | None,
+    latency: float,
+    oracle: Path | None,
+    faults: float,
+) -> tuple[str, str]:
+    """Start the built-in simulator for the rest of ``stack``; returns its base URL and its cache identity."""
+    from ..testing import run_in_thread
+
+    config = simulator_config(rpm, tpm, latency, oracle, faults)
+    url = stack.enter_context(run_in_thread(config)).base_url
+    assert url is not None  # started
+    return url, simulator_identity(config, oracle)
 
 
 def simulator_identity(config: Any, oracle: Path | None) -> str:
