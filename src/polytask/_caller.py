@@ -217,13 +217,14 @@ class Caller:
         self.clock = clock
         self.temperature = temperature
         self.stats = stats
-        self._budgets: dict[str, CompletionBudget] = {}
+        self._budgets: dict[tuple[str, int], CompletionBudget] = {}
         self.wall_clock = wall_clock  # seconds since the epoch: when a RetryLaterError says to resume
 
     def budget(self, task: Task[Any]) -> CompletionBudget:
-        if task.name not in self._budgets:
-            self._budgets[task.name] = CompletionBudget(task.max_tokens)
-        return self._budgets[task.name]
+        key = (task.name, task.max_tokens)  # a bundle's name is shared by its sizes (packing.Bundle)
+        if key not in self._budgets:
+            self._budgets[key] = CompletionBudget(task.max_tokens)
+        return self._budgets[key]
 
     def cache_key(self, task: Task[Any], messages: list[Message]) -> str | None:
         """The request cache's key of a question (None without a cache)."""

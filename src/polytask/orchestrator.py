@@ -36,7 +36,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._caller import AskError, Caller, CallStats, Flight
+from ._caller import Answer, AskError, Caller, CallStats, Flight
 from ._checks import check_count, check_positive
 from ._estimates import PromptEstimator, cached_tiktoken_counter
 from ._prompts import build_messages, neighbours
@@ -48,16 +48,20 @@ from .costs import Budget, Prices
 from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence, Usage, id_problem, surrogate_problem
 from .dry_run import DryRun, Planner
 from .exceptions import (
+    AnswerValidationError,
     ConfigurationError,
     DeadlineExceededError,
     InputError,
+    LengthLimitError,
     PolytaskError,
+    RefusalError,
     RunStopped,
     ServerDownError,
     is_fatal_to_run,
     is_outage_sign,
 )
 from .limits import Clock, Limiter, MonotonicClock, RateLimiter
+from .packing import Packer, Unit
 from .retry import RetryPolicy
 from .segment import segment
 from .tasks.base import Task
@@ -86,6 +90,9 @@ class RunStats(CallStats):
     documents_partial: int = 0
     pairs_done: int = 0
     pairs_failed: int = 0
+    asked_alone: int = 0
+    """Pairs of a fused or packed call (``fuse``, ``pack``) whose part of the answer was missing or invalid, or
+    whose call's answer stayed unreadable, asked again alone."""
 
 
 @dataclass
@@ -109,6 +116,14 @@ class _Pair:
     state: _DocState
     sentence: Sentence
     task: Task[Any]
+
+
+@dataclass
+class _Work:
+    """One call's worth of a document's pairs (:class:`~polytask.packing.Unit`), as the workers take them."""
+
+    state: _DocState
+    unit: Unit
 
 
 MAX_CONCURRENCY = 10_000  # each call slot has two worker tasks; far past any provider's limits
@@ -246,6 +261,14 @@ class Orchestrator:
             limiter's requests bucket holds ``rpm × rate_window / 60``, so no opening burst the server refuses
             (default: 60, or what the server's ``RateLimit-Policy`` header says; see :class:`~polytask.RateLimiter`).
         context_sentences: neighbouring sentences passed as context on each side (default 0).
+        fuse: ask all the tasks of a sentence in one call, their schemas side by side (default False); each task's
+            part of the answer is validated alone and, when invalid, asked again alone (see :mod:`polytask.packing`).
+        pack: the most consecutive sentences of a document asked in one call (default 1: one call per sentence), as
+            many as fit ``pack_tokens``; each sentence's answer is validated alone and, when missing or invalid,
+            asked again alone. With ``fuse``, one call asks ``k`` sentences × every task. Entity offsets stay exact
+            (aligned per sentence).
+        pack_tokens: the most estimated tokens of one packed call, prompt + expected answer (default 2,048): a
+            pack holds fewer sentences when they, or their answers, are long.
         max_sentence_chars: sentences longer than this many characters are split (default 1,000).
         max_pending_documents: documents read ahead of the slowest unfinished one (default ``max(64, 2 ×
             max_concurrency)``): bounds memory for input of any length.
@@ -311,6 +334,9 @@ class Orchestrator:
         limiter: Limiter | None = None,
         rate_window: float | None = None,
         context_sentences: int = 0,
+        fuse: bool = False,
+        pack: int = 1,
+        pack_tokens: int = 2048,
         max_sentence_chars: int = 1000,
         max_pending_documents: int | None = None,
         temperature: float = 0.0,
@@ -399,6 +425,14 @@ class Orchestrator:
             identity=declared.identity or backend.name,
             prices=prices,
             spending=budget,
+        )
+        self.packer = Packer(
+            tasks,
+            fuse=fuse,
+            pack=pack,
+            pack_tokens=pack_tokens,
+            context_sentences=context_sentences,
+            prompt_tokens=self.caller.estimator.raw,
         )
         self.close_backend = close_backend
         for name, hook in (("on_call", on_call), ("on_document", on_document)):
@@ -576,9 +610,7 @@ class Orchestrator:
             return self.caller.is_cached(task, messages)
 
         cost = self.prices.cost if self.prices is not None else None
-        planner = Planner(
-            self.tasks, self.context_sentences, prompt_tokens=self.caller.estimator.raw, cached=cached, cost=cost
-        )
+        planner = Planner(self.packer, prompt_tokens=self.caller.estimator.raw, cached=cached, cost=cost)
         for position, item in enumerate(documents):
             document = _coerce(item, position)
             sentences = self.segmenter(document.text, max_chars=self.max_sentence_chars)
@@ -608,7 +640,7 @@ class Orchestrator:
     # -- the job -----------------------------------------------------------------------------------------------
 
     async def _run_job(self, documents: Iterable[Any] | AsyncIterable[Any], job: _Job) -> None:
-        send, receive = anyio.create_memory_object_stream[_Pair](self.max_concurrency)
+        send, receive = anyio.create_memory_object_stream[_Work](self.max_concurrency)
         # twice as many workers as call slots (a worker waiting out a retry's backoff holds no slot), started as
         # pairs arrive: one document's call (`process`) starts a task per pair, not 2 × max_concurrency
         most = 2 * self.max_concurrency
@@ -632,7 +664,7 @@ class Orchestrator:
     async def _produce(
         self,
         documents: Iterable[Any] | AsyncIterable[Any],
-        send: MemoryObjectSendStream[_Pair],
+        send: MemoryObjectSendStream[_Work],
         job: _Job,
         one_more: Callable[[], None],
     ) -> None:
@@ -657,29 +689,32 @@ class Orchestrator:
             if state.total == 0:
                 await self._finish(state, job)
                 continue
-            for sentence in sentences:
-                for task in self.tasks:
-                    one_more()  # a worker for this pair (until there are 2 × max_concurrency)
-                    await send.send(_Pair(state, sentence, task))
+            for unit in self.packer.units(sentences):
+                one_more()  # a worker for this call (until there are 2 × max_concurrency)
+                await send.send(_Work(state, unit))
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[_Pair], job: _Job) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[_Work], job: _Job) -> None:
         async with receive:
-            async for pair in receive:
-                state = pair.state
+            async for work in receive:
+                state, unit = work.state, work.unit
                 if state.started is None:
                     state.started = self.clock.now()
+                pairs = [_Pair(state, s, t) for s in unit.sentences for t in unit.tasks]
                 if job.fatal is not None:
-                    result = self._failed(
-                        pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0
-                    )
+                    stopped = RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})")
+                    results = [self._failed(pair, stopped, 0) for pair in pairs]
                 elif job.deadline is not None:
-                    result = self._failed(pair, DeadlineExceededError(f"not sent: {_late(job.deadline)}"), 0)
+                    late = DeadlineExceededError(f"not sent: {_late(job.deadline)}")
+                    results = [self._failed(pair, late, 0) for pair in pairs]
+                elif unit.bundle is None:
+                    results = [await self._run_pair(pairs[0], job)]
                 else:
-                    result = await self._run_pair(pair, job)
-                state.pairs[(pair.sentence.index, pair.task.name)] = result
-                self.stats.pairs_done += 1
-                if result.error is not None:
-                    self.stats.pairs_failed += 1
+                    results = await self._run_bundle(work, pairs, job)
+                for result in results:
+                    state.pairs[(result.sentence, result.task)] = result
+                    self.stats.pairs_done += 1
+                    if result.error is not None:
+                        self.stats.pairs_failed += 1
                 if len(state.pairs) == state.total:
                     await self._finish(state, job)
 
@@ -733,45 +768,17 @@ class Orchestrator:
             nonlocal attempts
             attempts += 1
 
-        def outage(error: BaseException) -> None:  # each failed attempt: has the server been down too long?
-            self._check_outage(error, job)
-
         try:
-            flight = Flight()
-            with flight.scope:
-                job.calls.add(flight)
-                try:
-                    answer = await self.caller.ask(
-                        task,
-                        messages,
-                        usage,
-                        state.document.id,
-                        on_attempt=count,
-                        on_retry=outage,
-                        flight=flight,
-                        sentence=sentence.index,
-                        on_call=self._call_events(state),
-                    )
-                finally:
-                    job.calls.discard(flight)
-            if flight.scope.cancelled_caught and flight.expired:  # the caller's deadline passed
-                return self._failed(pair, DeadlineExceededError(f"cancelled: {_late(job.deadline)}"), attempts)
-            if flight.scope.cancelled_caught:  # the run stopped while this call was waiting
-                stopped = RunStopped(f"not completed: the run stopped ({type(job.fatal).__name__})")
-                return self._failed(pair, stopped, attempts)
+            answer = await self._ask(task, messages, usage, state, sentence.index, job, count)
+            if isinstance(answer, PolytaskError):  # stopped or past the deadline while it waited
+                return self._failed(pair, answer, attempts)
             value = task.postprocess(state.document.text, sentence, answer.value)
         except AskError as failure:
-            error = failure.error
-            if is_fatal_to_run(error):  # no later call could succeed either
-                job.stop(error)
-            elif not isinstance(error, PolytaskError):
-                logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
-            else:
-                self._check_outage(error, job)
-            return self._failed(pair, error, failure.attempts, failure.reasked)
+            self._ask_failed(failure.error, task.name, state, job)
+            return self._failed(pair, failure.error, failure.attempts, failure.reasked)
         except Exception as error:  # a task's postprocess failed: the pair ends as a typed error all the same
             logger.warning("task %s failed on document %s: %r", task.name, state.document.id, error)
-            return self._failed(pair, error, answer.attempts, answer.reasked)
+            return self._failed(pair, error, attempts, answer.reasked if isinstance(answer, Answer) else False)
         return PairResult(
             sentence=sentence.index,
             task=task.name,
@@ -780,6 +787,128 @@ class Orchestrator:
             attempts=answer.attempts,
             reasked=answer.reasked,
         )
+
+    async def _ask(
+        self,
+        task: Task[Any],
+        messages: list[Message],
+        usage: Usage,
+        state: _DocState,
+        sentence: int,
+        job: _Job,
+        count: Callable[[], None],
+    ) -> Answer | PolytaskError:
+        """The caller's answer to one call, or the error it ends with when the run stopped or the caller's deadline
+        passed while it waited (its flight cancelled).
+
+        Raises:
+            AskError: as :meth:`~polytask._caller.Caller.ask` does.
+        """
+
+        def outage(error: BaseException) -> None:  # each failed attempt: has the server been down too long?
+            self._check_outage(error, job)
+
+        flight = Flight()
+        with flight.scope:
+            job.calls.add(flight)
+            try:
+                return await self.caller.ask(
+                    task,
+                    messages,
+                    usage,
+                    state.document.id,
+                    on_attempt=count,
+                    on_retry=outage,
+                    flight=flight,
+                    sentence=sentence,
+                    on_call=self._call_events(state),
+                )
+            finally:
+                job.calls.discard(flight)
+        if flight.expired:
+            return DeadlineExceededError(f"cancelled: {_late(job.deadline)}")
+        return RunStopped(f"not completed: the run stopped ({type(job.fatal).__name__})")
+
+    def _ask_failed(self, error: Exception, task: str, state: _DocState, job: _Job) -> None:
+        """What a call that ended with ``error`` means for the run: stop it when no later call could succeed."""
+        if is_fatal_to_run(error):  # no later call could succeed either
+            job.stop(error)
+        elif not isinstance(error, PolytaskError):
+            logger.warning("task %s failed on document %s: %r", task, state.document.id, error)
+        else:
+            self._check_outage(error, job)
+
+    async def _run_bundle(self, work: _Work, pairs: list[_Pair], job: _Job) -> list[PairResult]:
+        """A fused or packed call's pairs (``pairs``, sentence-major as ``unit.sentences`` × ``unit.tasks``): each
+        valid part of its answer kept; each missing or invalid part, and every pair when the answer stays unreadable,
+        asked again alone. The call's cost is shared evenly by its pairs (``PairResult.cost``); a pair asked alone
+        adds its own call's."""
+        state, unit = work.state, work.unit
+        bundle = unit.bundle
+        assert bundle is not None
+        usage = Usage()
+        attempts = 0
+
+        def count() -> None:
+            nonlocal attempts
+            attempts += 1
+
+        parts: dict[tuple[int, str], Any] = {}
+        reasked = False
+        try:
+            messages = self.packer.messages(unit, state.sentences)
+            answer = await self._ask(bundle, messages, usage, state, unit.sentences[0].index, job, count)
+            if isinstance(answer, PolytaskError):
+                return [self._failed(pair, answer, attempts) for pair in pairs]
+            parts = bundle.split(answer.value, len(unit.sentences))
+            reasked = answer.reasked
+        except AskError as failure:
+            attempts, reasked = failure.attempts, failure.reasked
+            if not isinstance(failure.error, AnswerValidationError | LengthLimitError | RefusalError):
+                # not the answer's fault (a spent budget, a server down, retries exhausted): asking alone won't help
+                self._ask_failed(failure.error, bundle.name, state, job)
+                return [self._failed(pair, failure.error, attempts, reasked) for pair in pairs]
+            logger.debug("document %s: a %d-pair call failed (%s); asked alone", state.document.id, len(pairs), failure)
+        except Exception as error:  # a user's task building its examples into the prompt
+            logger.warning("a fused or packed call failed on document %s: %r", state.document.id, error)
+        finally:
+            state.usage.merge(usage)
+        share = usage.cost / len(pairs)
+        first = unit.sentences[0].index
+        results: dict[tuple[int, str], PairResult] = {}
+        alone: list[_Pair] = []
+        for pair in pairs:
+            part = parts.get((pair.sentence.index - first, pair.task.name))
+            if part is None or isinstance(part, Exception):
+                alone.append(pair)
+                continue
+            try:
+                value = pair.task.postprocess(state.document.text, pair.sentence, part)
+            except Exception as error:
+                logger.warning("task %s failed on document %s: %r", pair.task.name, state.document.id, error)
+                results[(pair.sentence.index, pair.task.name)] = self._failed(pair, error, attempts, reasked)
+                continue
+            results[(pair.sentence.index, pair.task.name)] = PairResult(
+                sentence=pair.sentence.index, task=pair.task.name, answer=value, attempts=attempts, reasked=reasked
+            )
+
+        async def ask_alone(pair: _Pair) -> None:
+            if job.fatal is not None:
+                result = self._failed(pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0)
+            elif job.deadline is not None:
+                result = self._failed(pair, DeadlineExceededError(f"not sent: {_late(job.deadline)}"), 0)
+            else:
+                result = await self._run_pair(pair, job)
+            result.attempts += attempts
+            results[(pair.sentence.index, pair.task.name)] = result
+
+        self.stats.asked_alone += len(alone)
+        async with anyio.create_task_group() as tg:
+            for pair in alone:
+                tg.start_soon(ask_alone, pair)
+        for result in results.values():
+            result.cost += share
+        return [results[(pair.sentence.index, pair.task.name)] for pair in pairs]
 
     def _call_events(self, state: _DocState) -> Callable[[CallEvent], None] | None:
         """Where a pair's call events go: the ``on_call`` hook, and the document's list for its OpenTelemetry spans."""

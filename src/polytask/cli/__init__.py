@@ -144,6 +144,9 @@ def run(
         typer.Option(help="Stop the run after the server failed every call for this many seconds (0: never)."),
     ] = 300.0,
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    fuse: _options.FuseOption = False,
+    pack: _options.PackOption = 1,
+    pack_tokens: _options.PackTokensOption = 2048,
     text_field: Annotated[str, typer.Option(help="Input field holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(help="Input field holding the document id.")] = "id",
     simulate: Annotated[
@@ -239,6 +242,8 @@ def run(
         max_outage=max_outage,
         progress_every=progress_every,
         context=context,
+        pack=pack,
+        pack_tokens=pack_tokens,
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
         price_in=price_in,
@@ -333,6 +338,9 @@ def run(
                 limiter=limiter,
                 rate_window=None if limiter is not None else rate_window,
                 context_sentences=context,
+                fuse=fuse,
+                pack=pack,
+                pack_tokens=pack_tokens,
                 cache=None if no_cache else (cache or default_cache_path()),
                 prices=prices,
                 budget=budget,
@@ -368,6 +376,9 @@ def run(
                     retry=RetryPolicy(attempts=attempts),
                     max_outage=max_outage or None,
                     context_sentences=context,
+                    fuse=fuse,
+                    pack=pack,
+                    pack_tokens=pack_tokens,
                     prices=prices,
                 )
         except PolytaskError as error:
@@ -486,6 +497,9 @@ def mcp(
         float, typer.Option(help="Stop a call after the server failed every call for this many seconds (0: never).")
     ] = 300.0,
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    fuse: _options.FuseOption = False,
+    pack: _options.PackOption = 1,
+    pack_tokens: _options.PackTokensOption = 2048,
     deadline: Annotated[
         float | None,
         typer.Option(
@@ -526,6 +540,8 @@ def mcp(
         attempts=attempts,
         max_outage=max_outage,
         context=context,
+        pack=pack,
+        pack_tokens=pack_tokens,
         deadline=deadline,
         simulate_faults=simulate_faults,
         simulate_latency=simulate_latency,
@@ -583,6 +599,9 @@ def mcp(
                 max_outage=max_outage or None,
                 rate_window=rate_window,
                 context_sentences=context,
+                fuse=fuse,
+                pack=pack,
+                pack_tokens=pack_tokens,
                 cache=None if no_cache else (cache or default_cache_path()),
                 prices=prices,
                 budget=budget,
@@ -621,7 +640,8 @@ def eval_(
         typer.Option(
             metavar="KEY=VALUE[,KEY=VALUE]",
             help="A configuration to run and score, side by side with the others (repeat it): model, context, "
-            "concurrency, temperature, structured_outputs, max_tokens_param, stream, simulate_faults.",
+            "fuse, pack, pack_tokens, concurrency, temperature, structured_outputs, max_tokens_param, stream, "
+            "simulate_faults.",
         ),
     ] = None,
     backend: Annotated[str, typer.Option(help="openai | local")] = "openai",
@@ -633,6 +653,9 @@ def eval_(
     tpm: Annotated[float | None, typer.Option(help="Tokens-per-minute limit.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Most calls in flight.")] = None,
     context: Annotated[int, typer.Option(help="Neighbouring sentences passed as context on each side.")] = 0,
+    fuse: _options.FuseOption = False,
+    pack: _options.PackOption = 1,
+    pack_tokens: _options.PackTokensOption = 2048,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP call.")] = 60.0,
     price_in: Annotated[float | None, typer.Option(metavar="USD", help="USD per million prompt tokens.")] = None,
     price_out: Annotated[float | None, typer.Option(metavar="USD", help="USD per million completion tokens.")] = None,
@@ -656,6 +679,8 @@ def eval_(
         timeout=timeout,
         concurrency=concurrency,
         context=context,
+        pack=pack,
+        pack_tokens=pack_tokens,
         simulate_faults=simulate_faults,
         price_in=price_in,
         price_out=price_out,
@@ -694,6 +719,9 @@ def eval_(
                 tasks,
                 max_concurrency=setting.get("concurrency", concurrency),
                 context_sentences=setting.get("context", context),
+                fuse=setting.get("fuse", fuse),
+                pack=setting.get("pack", pack),
+                pack_tokens=setting.get("pack_tokens", pack_tokens),
                 temperature=setting.get("temperature", 0.0),
                 prices=prices,
             )

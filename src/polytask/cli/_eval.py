@@ -27,16 +27,28 @@ from ._exits import fail
 
 __all__ = ["Setting", "evaluate", "parse_compare", "read_gold"]
 
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 # what --compare may change, and how its text becomes the setting's value
 _CHANGEABLE: dict[str, Callable[[str], Any]] = {
     "model": str,
     "context": int,
+    "fuse": lambda text: _flag(text),
+    "pack": int,
+    "pack_tokens": int,
     "concurrency": int,
     "temperature": float,
     "structured_outputs": str,
     "max_tokens_param": str,
     "simulate_faults": float,
-    "stream": lambda text: text.lower() in ("1", "true", "yes", "on"),
+    "stream": lambda text: _flag(text),
 }
 
 Setting = dict[str, Any]
@@ -109,6 +121,7 @@ def evaluate(
         stats = orch.stats
         figures = {
             "calls": stats.requests,
+            "asked_alone": stats.asked_alone,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
             "cost": stats.cost if stats.prices is not None else None,
@@ -155,6 +168,7 @@ def table(gold_path: Path, runs: list[tuple[str, EvalScores, dict[str, Any]]]) -
         lambda s, f: "—" if s.sentiment_accuracy is None else f"{s.sentiment_accuracy:.3f} of {s.sentiment_total:,}",
     )
     row("calls", lambda s, f: f"{f['calls']:,}")
+    row("pairs asked again alone (fuse / pack)", lambda s, f: f"{f['asked_alone']:,}")
     row("prompt / completion tokens", lambda s, f: f"{f['prompt_tokens']:,} / {f['completion_tokens']:,}")
     row("cost", lambda s, f: "unknown" if f["cost"] is None else format_usd(f["cost"]))
     row("wall time", lambda s, f: f"{f['wall_s']:.1f} s")

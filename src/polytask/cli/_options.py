@@ -7,7 +7,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from ._exits import fail
 
 __all__ = [
     "TASK_HELP",
+    "FuseOption",
+    "PackOption",
+    "PackTokensOption",
     "check_choices",
     "check_local",
     "check_numbers",
@@ -35,6 +38,29 @@ TASK_HELP = (
     "sentiment | entities | classify=LABEL1,LABEL2[,…] | classify-multi=LABEL1,LABEL2[,…] "
     "(repeatable; default: sentiment and entities; results are keyed by these names)"
 )
+
+
+# fewer calls per document (polytask.packing), the same in run, mcp and eval
+FuseOption = Annotated[
+    bool,
+    typer.Option(
+        "--fuse/--no-fuse",
+        help="Ask all the tasks of a sentence in one call (each task's part validated alone; an invalid part is "
+        "asked again alone).",
+    ),
+]
+PackOption = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        help="Ask up to N consecutive sentences of a document in one call, as many as fit --pack-tokens (each "
+        "sentence's answer validated alone; a missing or invalid one is asked again alone). 1: one call per sentence.",
+    ),
+]
+PackTokensOption = Annotated[
+    int,
+    typer.Option(metavar="TOKENS", help="With --pack: the most estimated tokens of one call, prompt + answer."),
+]
 
 
 def parse_task(spec: str) -> Task[Any]:
@@ -74,6 +100,8 @@ def check_numbers(**values: float | None) -> None:
         "deadline",
         "workers",
         "batch_size",
+        "pack",
+        "pack_tokens",
     )
     for name, value in values.items():
         if value is None:

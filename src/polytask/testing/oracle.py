@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .schema_fill import fill_schema, resolve_ref
 
-__all__ = ["GoldEntity", "GoldIndex", "oracle_answer"]
+__all__ = ["GoldEntity", "GoldIndex", "oracle_answer", "packed_answer", "packed_sentences"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,46 @@ def oracle_answer(schema: Mapping[str, Any], sentence: str, gold: GoldIndex, rng
         out.append(item)
     answer["entities"] = out
     return answer
+
+
+def packed_sentences(schema: Mapping[str, Any], messages: Sequence[Mapping[str, str]]) -> list[tuple[int, str]] | None:
+    """The numbered sentences of a fused or packed request (:mod:`polytask.packing`): ``[(n, sentence), ...]``
+    from the last user message's ``"sentences"``, when ``schema`` asks for ``{"items": [{"n", ...}]}``; else None."""
+    items = ((schema.get("properties") or {}).get("items") or {}).get("items")
+    if not isinstance(items, Mapping) or "n" not in (items.get("properties") or {}):
+        return None
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        try:
+            data = json.loads(message.get("content") or "")
+        except ValueError:
+            return None
+        listed = data.get("sentences") if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            return None
+        return [
+            (s["n"], s["sentence"])
+            for s in listed
+            if isinstance(s, dict) and isinstance(s.get("n"), int) and isinstance(s.get("sentence"), str)
+        ]
+    return None
+
+
+def packed_answer(
+    schema: Mapping[str, Any],
+    sentences: Sequence[tuple[int, str]],
+    answer: Callable[[Mapping[str, Any], str], Any],
+) -> dict[str, Any]:
+    """The answer to a fused or packed request: one item per ``(n, sentence)``, each task's part
+    ``answer(task_schema, sentence)`` — the answer a request for that sentence and task alone gets."""
+    items = schema["properties"]["items"]["items"]
+    defs = schema.get("$defs")
+    out = []
+    for n, sentence in sentences:
+        item: dict[str, Any] = {"n": n}
+        for name, sub in (items.get("properties") or {}).items():
+            if name != "n":
+                item[name] = answer({**sub, "$defs": defs} if defs else sub, sentence)
+        out.append(item)
+    return {"items": out}

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from http import HTTPStatus
 from typing import Any, Self
 
@@ -42,7 +42,7 @@ from aiohttp import web
 from .._prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from ..chat import Message
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
-from .oracle import GoldIndex, oracle_answer
+from .oracle import GoldIndex, oracle_answer, packed_answer, packed_sentences
 from .ratelimit import Clock, ServerRateLimiter, format_duration
 from .schema_fill import answer_rng, fill_schema, loosen_answer, violate_schema
 
@@ -268,6 +268,11 @@ class Simulator:
                         return schema
         return None
 
+    def _answer_alone(self, schema: Mapping[str, Any], sentence: str) -> Any:
+        """What a request for ``sentence`` alone, under ``schema``, is answered (oracle or filled)."""
+        rng = answer_rng(self.config.seed, sentence)
+        return oracle_answer(schema, sentence, self.gold, rng) if self.gold is not None else fill_schema(schema, rng)
+
     def _daily_quota_spent(self, model: str) -> web.Response:
         """The 429 of a spent ``daily_quota``, as OpenAI words a requests-per-day limit."""
         limit, wait = self.config.daily_quota, self.config.daily_quota_retry_after
@@ -381,6 +386,8 @@ class Simulator:
             answer: Any = {}
         elif fault == "invalid_answer":
             answer = violate_schema(schema, rng)
+        elif (packed := packed_sentences(schema, messages)) is not None:  # several sentences / tasks in one call
+            answer = packed_answer(schema, packed, self._answer_alone)
         elif self.gold is not None:
             answer = oracle_answer(schema, sentence, self.gold, rng)
         else:
