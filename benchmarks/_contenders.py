@@ -18,9 +18,11 @@ strict ``json_schema`` response format, ``temperature`` 0 and ``max_completion_t
     litellm       ``litellm.Router`` with the deployment's rpm / tpm set, ``routing_strategy`` usage-based-routing-v2
     polytask      ``polytask.Orchestrator`` over ``OpenAIBackend`` (rpm / tpm given or None)
 
-Spec keys: contender, label, base_url, workload ("short" | "fidelity"), calls, seed, max_tokens (None: the task's),
-concurrency, warmup (calls before READY), rpm, tpm, max_retries, transport, probe (sample polytask's concurrency),
-profile (polytask only: write a cProfile of the timed part to this path).
+Spec keys: contender, label, base_url, workload ("short" | "fidelity" | "ewt": documents of examples/ewt_dev.jsonl,
+polytask only), calls (documents for polytask), seed, max_tokens (None: the task's), concurrency, warmup (calls before
+READY), rpm, tpm, max_retries, transport, probe (sample polytask's concurrency), profile (polytask only: write a
+cProfile of the timed part to this path), tasks ("sentiment,entities": both, polytask only), orchestrator (more
+Orchestrator options, e.g. {"fuse": true, "pack": 8}).
 """
 
 from __future__ import annotations
@@ -46,9 +48,15 @@ from polytask.tasks.sentiment import SentimentAnswer
 API_KEY = "sk-bench-not-a-real-key"
 
 
+EWT = Path(__file__).resolve().parents[1] / "examples" / "ewt_dev.jsonl"
+
+
 def _texts(spec: dict[str, Any], n: int, seed: int) -> list[str]:
     if spec.get("workload", "short") == "fidelity":
         return fidelity_prompts(n, seed)
+    if spec.get("workload") == "ewt":  # real documents of several sentences (polytask only: it segments them)
+        texts = [json.loads(line)["text"] for line in EWT.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [texts[(seed + i) % len(texts)] for i in range(n)]
     return overhead_sentences(n, seed)
 
 
@@ -384,7 +392,8 @@ async def polytask_run(spec: dict[str, Any]) -> dict[str, Any]:
     if fidelity:
         options["segmenter"] = _one_sentence
     options.update(spec.get("orchestrator", {}))
-    orch = pt.Orchestrator(backend, tasks=[task], **options)
+    tasks = [task, pt.Entities()] if spec.get("tasks") == "sentiment,entities" else [task]
+    orch = pt.Orchestrator(backend, tasks=tasks, **options)
     charges: dict[str, int] = {}  # call text → the charge of its last answered attempt, in order of first answer
     max_tokens_sent: collections.Counter[int] = collections.Counter()
     if spec.get("record_charges"):
@@ -434,6 +443,7 @@ async def polytask_run(spec: dict[str, Any]) -> dict[str, Any]:
         run.stop()
         if sampler is not None:
             sampler.cancel()
+    run.calls = sum(len(doc.pairs) for doc in results)  # pairs (one per call unless fused or packed)
     for doc in results:
         for pair in doc.pairs:
             if pair.error is None:

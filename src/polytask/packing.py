@@ -196,6 +196,11 @@ class Bundle(Task[BundleItems]):
 def _part(task: Task[Any], value: Any, n: int) -> Any:
     if value is None:
         return AnswerValidationError(f'no "{task.name}" answer for sentence n={n}', content="")
+    if type(task).parse is Task.parse:  # the model's own validation: no round trip through JSON text
+        try:
+            return task.answer_model.model_validate(value)
+        except ValidationError:
+            pass  # read below as text, which recovery (an enum value's case or spaces) works on
     text = json.dumps(value, ensure_ascii=False)
     try:
         return task.parse(text)

@@ -19,6 +19,7 @@ position.
 from __future__ import annotations
 
 import bisect
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -37,16 +38,22 @@ class Alignment:
     match: Literal["exact", "normalized"] | None
 
 
+_NOT_PLAIN = re.compile(r"[^\S ]|  ")  # whitespace other than a single space
+
+
 def _normalize(text: str) -> tuple[str, list[int], list[int]]:
     """Normalized text and, for each of its characters, the source span ``[start, end)`` it came from.
 
     A character and the combining marks after it are normalized together (NFKC composes "u" + U+0308 into "ü", so
     text and entity meet whichever of NFC / NFD each is in), then case-folded; runs of whitespace become one space.
     """
+    n = len(text)
+    if text.isascii() and not _NOT_PLAIN.search(text):  # NFKC leaves ASCII as it is; nothing to collapse
+        return text.lower(), list(range(n)), list(range(1, n + 1))
     out: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
-    i, n = 0, len(text)
+    i = 0
     while i < n:
         if text[i].isspace():
             if not (out and out[-1] == " "):
