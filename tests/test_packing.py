@@ -53,13 +53,15 @@ def test_the_schemas_sit_side_by_side_with_their_definitions_renamed_apart():
         inner: list[Inner]
 
     tasks = [pt.Task("a", A, "Do a."), pt.Task("b", B, "Do b.")]
-    schema = bundle_schema(tasks)
-    item = schema["properties"]["items"]["items"]
-    assert item["required"] == ["n", "a", "b"] and item["additionalProperties"] is False
-    assert set(schema["$defs"]) == {"a__Inner", "b__Inner"}
-    assert item["properties"]["a"]["properties"]["inner"] == {"$ref": "#/$defs/a__Inner"}
+    schema = bundle_schema(tasks, 2)
+    assert schema["required"] == ["1", "2"] and schema["additionalProperties"] is False  # no sentence left out
+    assert schema["properties"]["1"] == schema["properties"]["2"] == {"$ref": "#/$defs/polytask_entry"}
+    entry = schema["$defs"]["polytask_entry"]
+    assert entry["required"] == ["a", "b"] and entry["additionalProperties"] is False
+    assert set(schema["$defs"]) == {"a__Inner", "b__Inner", "polytask_entry"}
+    assert entry["properties"]["a"]["properties"]["inner"] == {"$ref": "#/$defs/a__Inner"}
     bundle = Bundle(tasks, 2)
-    answer = bundle.parse(json.dumps({"items": [{"n": 2, "a": {"inner": {"x": 1}}, "b": {"inner": [{"x": 2}]}}]}))
+    answer = bundle.parse(json.dumps({"2": {"a": {"inner": {"x": 1}}, "b": {"inner": [{"x": 2}]}}}))
     parts = bundle.split(answer, 2)
     assert parts[(1, "a")] == A(inner=Inner(x=1)) and parts[(1, "b")] == B(inner=[Inner(x=2)])
     assert isinstance(parts[(0, "a")], pt.AnswerValidationError)  # sentence 1 was not answered
@@ -71,13 +73,10 @@ def test_split_keeps_valid_parts_and_marks_the_rest():
     answer = bundle.parse(
         json.dumps(
             {
-                "items": [
-                    {"n": 1, "sentiment": {"label": "Positive ", "score": 0.1}, "entities": {"entities": []}},
-                    {"n": 2, "sentiment": {"label": "furious", "score": 0.1}, "entities": {"entities": []}},
-                    {"n": 9, "sentiment": {"label": "neutral", "score": 0}, "entities": {"entities": []}},
-                    {"n": 3, "sentiment": {"label": "neutral", "score": 0}, "entities": {"entities": []}},
-                    {"n": 3, "sentiment": {"label": "neutral", "score": 0}, "entities": {"entities": []}},
-                ]
+                "1": {"sentiment": {"label": "Positive ", "score": 0.1}, "entities": {"entities": []}},
+                "2": {"sentiment": {"label": "furious", "score": 0.1}, "entities": {"entities": []}},
+                "9": {"sentiment": {"label": "neutral", "score": 0}, "entities": {"entities": []}},
+                "3": ["not", "an", "object"],
             }
         )
     )
@@ -85,7 +84,8 @@ def test_split_keeps_valid_parts_and_marks_the_rest():
     assert parts[(0, "sentiment")].label == "positive"  # recovered as a single answer is (the case, the space)
     assert isinstance(parts[(1, "sentiment")], pt.AnswerValidationError)  # not a label: asked again alone
     assert not isinstance(parts[(1, "entities")], Exception)  # its other task's part is kept
-    assert all(isinstance(parts[(2, t)], pt.AnswerValidationError) for t in ("sentiment", "entities"))  # n=3 twice
+    assert all(isinstance(parts[(2, t)], pt.AnswerValidationError) for t in ("sentiment", "entities"))
+    assert len(parts) == 6  # the unasked "9" is ignored
 
 
 def test_packs_follow_the_token_budget_not_a_fixed_count():
@@ -155,15 +155,15 @@ async def test_a_missing_or_invalid_part_is_asked_again_alone_and_the_rest_kept(
         if request.schema_name in ("sentiment", "entities"):
             asked.append(request.schema_name)
             return single_answer(request)
-        items = []
+        entries = {}
         for n, sentence in sentences_of(request):
-            item = {"n": n, "sentiment": {"label": label_of(sentence), "score": 0.5}, "entities": {"entities": []}}
+            entry = {"sentiment": {"label": label_of(sentence), "score": 0.5}, "entities": {"entities": []}}
             if n == 2:
-                item["sentiment"] = {"label": "furious", "score": 0.5}  # invalid: asked again alone
+                entry["sentiment"] = {"label": "furious", "score": 0.5}  # invalid: asked again alone
             if n == 3:
                 continue  # missing: both tasks asked again alone
-            items.append(item)
-        return {"items": items}
+            entries[str(n)] = entry
+        return entries
 
     backend = pt.FunctionBackend(answer, prices=pt.Prices(input=1.0, output=1.0))
     async with pt.Orchestrator(backend, [pt.Sentiment(), pt.Entities()], fuse=True, pack=8) as orch:

@@ -902,10 +902,11 @@ class Orchestrator:
             result.attempts += attempts
             results[(pair.sentence.index, pair.task.name)] = result
 
-        self.stats.asked_alone += len(alone)
-        async with anyio.create_task_group() as tg:
-            for pair in alone:
-                tg.start_soon(ask_alone, pair)
+        if alone:
+            self.stats.asked_alone += len(alone)
+            async with anyio.create_task_group() as tg:
+                for pair in alone:
+                    tg.start_soon(ask_alone, pair)
         for result in results.values():
             result.cost += share
         return [results[(pair.sentence.index, pair.task.name)] for pair in pairs]

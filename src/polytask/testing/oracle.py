@@ -151,9 +151,9 @@ def oracle_answer(schema: Mapping[str, Any], sentence: str, gold: GoldIndex, rng
 
 def packed_sentences(schema: Mapping[str, Any], messages: Sequence[Mapping[str, str]]) -> list[tuple[int, str]] | None:
     """The numbered sentences of a fused or packed request (:mod:`polytask.packing`): ``[(n, sentence), ...]``
-    from the last user message's ``"sentences"``, when ``schema`` asks for ``{"items": [{"n", ...}]}``; else None."""
-    items = ((schema.get("properties") or {}).get("items") or {}).get("items")
-    if not isinstance(items, Mapping) or "n" not in (items.get("properties") or {}):
+    from the last user message's ``"sentences"``, when ``schema`` asks for ``{"1": {...}, "2": {...}}``; else None."""
+    properties = schema.get("properties") or {}
+    if not properties or not all(isinstance(key, str) and key.isdigit() for key in properties):
         return None
     for message in reversed(messages):
         if message.get("role") != "user":
@@ -178,15 +178,13 @@ def packed_answer(
     sentences: Sequence[tuple[int, str]],
     answer: Callable[[Mapping[str, Any], str], Any],
 ) -> dict[str, Any]:
-    """The answer to a fused or packed request: one item per ``(n, sentence)``, each task's part
+    """The answer to a fused or packed request: one entry per ``(n, sentence)`` under ``str(n)``, each task's part
     ``answer(task_schema, sentence)`` — the answer a request for that sentence and task alone gets."""
-    items = schema["properties"]["items"]["items"]
-    defs = schema.get("$defs")
-    out = []
+    out: dict[str, Any] = {}
     for n, sentence in sentences:
-        item: dict[str, Any] = {"n": n}
-        for name, sub in (items.get("properties") or {}).items():
-            if name != "n":
-                item[name] = answer({**sub, "$defs": defs} if defs else sub, sentence)
-        out.append(item)
-    return {"items": out}
+        entry = resolve_ref((schema.get("properties") or {}).get(str(n)) or {}, schema)
+        out[str(n)] = {
+            name: answer({**sub, "$defs": schema["$defs"]} if schema.get("$defs") else sub, sentence)
+            for name, sub in (entry.get("properties") or {}).items()
+        }
+    return out
