@@ -40,8 +40,9 @@ class CallEvent:
 
     Attributes:
         document_id: the document's id.
-        sentence: the sentence's index in the document (0-based), or None outside a document.
-        task: the task's name.
+        sentence: the sentence's index in the document (0-based), or None outside a document; for a fused or packed
+            call (:mod:`polytask.packing`), its first sentence's.
+        task: the task's name; for a fused or packed call, its schema's name (``answers_<task>_<task>…``).
         attempt: 1 for the first attempt of a question, 2 for its first retry, …; a re-ask after an invalid answer
             goes on counting; 0 for an answer from the cache.
         status: ``"ok"`` (a valid answer), ``"invalid"`` (an answer that failed validation: re-asked or failed),
