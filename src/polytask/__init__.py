@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._analyze import analyze, analyze_sync
 from ._version import __version__
+from .backends._batch import BatchOptions
 from .backends.base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .backends.function import FunctionBackend
 from .backends.openai import OpenAIBackend
@@ -95,6 +96,7 @@ __all__ = [
     "BackendError",
     "BackendSettings",
     "BadRequestError",
+    "BatchOptions",
     "Budget",
     "BudgetExceededError",
     "CallEvent",

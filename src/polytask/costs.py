@@ -21,12 +21,15 @@ from typing import Any
 from ._checks import check_non_negative, check_positive
 from .exceptions import BudgetExceededError
 
-__all__ = ["Budget", "BudgetReservation", "Prices", "format_usd", "prices_for"]
+__all__ = ["BATCH_DISCOUNT", "Budget", "BudgetReservation", "Prices", "batch_prices", "format_usd", "prices_for"]
 
 logger = logging.getLogger("polytask")
 
 _PER = 1_000_000  # prices are per million tokens
 _SLACK = 1e-9  # USD: sums of float costs drift by far less; a call is never refused for a rounding error
+BATCH_DISCOUNT = 0.5
+"""What the Batch API bills of the live price: 50% ("50% lower costs" than the synchronous API, OpenAI's Batch API
+guide, https://platform.openai.com/docs/guides/batch), for a model genai-prices lists no batch price of."""
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -99,8 +102,17 @@ def _per_million(price: Any) -> float | None:
     return float(base) if isinstance(base, Decimal) else None
 
 
+def batch_prices(prices: Prices) -> Prices:
+    """``prices`` as the Batch API bills them: every price × :data:`BATCH_DISCOUNT` (50%)."""
+    return Prices(
+        input=prices.input * BATCH_DISCOUNT,
+        output=prices.output * BATCH_DISCOUNT,
+        cached_input=prices.cached_input * BATCH_DISCOUNT,
+    )
+
+
 @functools.lru_cache(maxsize=256)
-def prices_for(model: str, *, base_url: str | None = None) -> Prices | None:
+def prices_for(model: str, *, base_url: str | None = None, batch: bool = False) -> Prices | None:
     """The prices of ``model`` served at ``base_url``, from genai-prices' bundled database; None when unknown.
 
     Args:
@@ -109,6 +121,9 @@ def prices_for(model: str, *, base_url: str | None = None) -> Prices | None:
             OpenRouter, Azure, …). A server it does not know (a local vLLM, a gateway, the simulator) makes the
             model unknown even when its name is a known one: a model served there is not billed at the provider's
             price. None: the provider is guessed from the model name.
+        batch: the prices of the provider's Batch API: genai-prices' batch prices (its ``processing: batch``
+            variant, e.g. gpt-4o-mini $0.075 / $0.30 against $0.15 / $0.60 live) where it lists them, else the live
+            prices × :data:`BATCH_DISCOUNT` (:func:`batch_prices`).
 
     Returns:
         :class:`Prices` (input, output and cache-read prices per million tokens), or None when genai-prices does not
@@ -123,6 +138,18 @@ def prices_for(model: str, *, base_url: str | None = None) -> Prices | None:
         input_price = _per_million(found.input_mtok)
         output_price = _per_million(found.output_mtok)
         cached_price = _per_million(found.cache_read_mtok)
+        if batch and input_price is not None and output_price is not None:
+            batched = calc_price(
+                Usage(input_tokens=0, output_tokens=0),
+                model_ref=model,
+                provider_api_url=base_url,
+                price_context={"processing": "batch"},
+            ).model_price
+            batch_in, batch_out = _per_million(batched.input_mtok), _per_million(batched.output_mtok)
+            if batch_in is None or batch_out is None or (batch_in, batch_out) == (input_price, output_price):
+                return batch_prices(Prices(input=input_price, output=output_price, cached_input=cached_price))
+            cached = _per_million(batched.cache_read_mtok)
+            return Prices(input=batch_in, output=batch_out, cached_input=cached if cached is not None else batch_in)
     except Exception as error:  # LookupError for an unknown model; a price lookup must never stop a run
         logger.debug("no prices for model %r at %r: %s", model, base_url, error)
         return None

@@ -279,7 +279,8 @@ class Orchestrator:
             current limit is ``orch.concurrency.limit`` (default: the backend's
             ``settings.adaptive_concurrency`` — False for the local backend, whose latency grows with its batch, not
             with overload — else True).
-        learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True).
+        learn_limits: learn RPM / TPM limits left unset from ``x-ratelimit-*`` headers (default True; never for a
+            backend whose ``settings.learn_limits`` is False, the Batch API's).
         max_outage: seconds the server may fail every call and every circuit-breaker probe before the run stops
             with :class:`~polytask.ServerDownError` (default 300; None never stops). A dead server otherwise costs
             each remaining pair its retries, one cooldown (up to 60 s) each: hours for a large job.
@@ -396,6 +397,7 @@ class Orchestrator:
         self.max_outage = max_outage
         if limiter is not None and rate_window is not None:
             raise ConfigurationError("rate_window applies to the limiter made here: pass window= to your RateLimiter")
+        learn_limits = learn_limits and declared.learn_limits
         if limiter is None and (rpm is not None or tpm is not None or learn_limits):
             limiter = RateLimiter(rpm, tpm, clock=self.clock, learn=learn_limits, window=rate_window)
         self.limiter = limiter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._batch import BatchOptions
 from .base import Backend, BackendSettings, ChatRequest, ChatResponse, RateLimitHeaders
 from .function import FunctionBackend
 from .openai import OpenAIBackend
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "BackendSettings",
+    "BatchOptions",
     "ChatRequest",
     "ChatResponse",
     "FunctionBackend",

@@ -47,6 +47,9 @@ class BackendSettings:
         prices: what its tokens cost (:class:`~polytask.costs.Prices`, USD per million tokens), for the run's
             dollar cost and budget; None when unknown (a model genai-prices does not list, a server it does not
             know). The local backend: ``Prices(input=0, output=0)``, known to cost nothing.
+        learn_limits: whether the orchestrator's rate limiter should learn RPM / TPM limits from the answers'
+            ``x-ratelimit-*`` headers (letting one call go first to hear them); False where answers carry none
+            and the first may take hours (the Batch API: every call goes at once).
     """
 
     rpm: float | None = None
@@ -56,6 +59,7 @@ class BackendSettings:
     token_model: str | None = None
     identity: str | None = None
     prices: Prices | None = None
+    learn_limits: bool = True
 
 
 @runtime_checkable

@@ -10,6 +10,9 @@ path sends inside :func:`polytask._http.translate_transport_errors`, so the same
 What it learns of a server that is only partly OpenAI-compatible (the ``response_format`` each task can use, the
 field the completion cap must travel in) is kept in :mod:`polytask.backends._quirks`; whether the server has ever
 answered, here: a refused connection before that is a wrong base URL (:class:`~polytask.ServerUnreachableError`).
+
+With ``batch=True`` the calls go through OpenAI's Batch API instead (:mod:`polytask.backends._batch`): collected,
+submitted as batches, polled, and each answered by its batch's line, read as a live answer is.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from .._http import (
 from .._prompts import add_schema_to_system
 from .._version import __version__
 from ..chat import ChatRequest, ChatResponse, RateLimitHeaders
-from ..costs import Prices, prices_for
+from ..costs import Prices, batch_prices, prices_for
 from ..exceptions import ConfigurationError
+from ._batch import Batcher, BatchesAPI, BatchOptions, custom_id, is_batch_failure
 from ._quirks import CapField, CapParam, StructuredMode, StructuredModes, may_be_capability, simpler_modes
 from ._stream import StreamedCompletion
 from .base import BackendSettings, SettingsAttributes
@@ -124,6 +128,20 @@ class OpenAIBackend(SettingsAttributes):
             without ``stream``, and a server that ignores ``stream`` and answers one JSON completion is read as
             one. ``timeout`` bounds the whole stream under aiohttp, and each wait for the next piece under httpx2
             and the SDK.
+        batch: send the calls through the Batch API (``True``, or a :class:`~polytask.BatchOptions` for its limits
+            and timings; default False): each call's request (the body sent today, as one line of a JSON Lines
+            file) waits while the calls are collected; they are submitted as one batch once ``max_requests``
+            (50,000) or ``max_bytes`` (200 MB) are reached, or no new call came for ``flush_after`` (0.5 s), the
+            batch is polled until it ends, and each call gets its own line back, read as a live answer (an error
+            line raises the error its status raises live, so retries and re-asks work as always, going out in a
+            follow-up batch). Answers take as long as the batch (OpenAI: up to 24 hours). ``settings`` then declare
+            10,000 calls in flight (at most ``max_requests``), no adaptive concurrency, no RPM / TPM and none learned
+            (the Batch API has its own queue), and the batch prices (genai-prices' where it lists them, else half
+            the live ones; ``prices`` given here are the live prices, halved). Not with ``stream``, ``rpm`` or
+            ``tpm``.
+        batch_state: with ``batch``: a SQLite file (made if missing) where each batch submitted is recorded with the
+            requests it holds, so a run killed mid-batch and run again waits for those batches instead of paying
+            for them twice (see :mod:`polytask.backends._batch`). None (default): none.
 
     ``aclose()`` closes the connections it opened; used again, it opens new ones. An ``http_client`` you pass in
     is never closed by it (a client you closed raises :class:`~polytask.BackendClosedError`).
@@ -160,6 +178,8 @@ class OpenAIBackend(SettingsAttributes):
         cache_identity: str | None = None,
         prices: Prices | None = None,
         stream: bool = False,
+        batch: bool | BatchOptions = False,
+        batch_state: str | os.PathLike[str] | None = None,
     ) -> None:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = (api_key or os.environ.get("OPENAI_API_KEY") or "").strip() or None
@@ -194,6 +214,7 @@ class OpenAIBackend(SettingsAttributes):
             )
         if not isinstance(stream, bool):
             raise ConfigurationError(f"stream must be True or False, got {stream!r}")
+        options = _batch_options(batch, batch_state, stream=stream, rpm=rpm, tpm=tpm)
         check_positive("rpm", rpm)
         check_positive("tpm", tpm)
         check_positive("timeout", timeout, allow_none=False)
@@ -217,13 +238,25 @@ class OpenAIBackend(SettingsAttributes):
             cache_identity = f"openai {self.base_url} {model} {extra}".strip()
         if prices is not None and not isinstance(prices, Prices):
             raise ConfigurationError(f"prices must be a polytask.Prices, got {type(prices).__name__}")
-        self.settings = BackendSettings(
-            rpm=rpm,
-            tpm=tpm,
-            token_model=model,
-            identity=cache_identity,
-            prices=prices if prices is not None else prices_for(model, base_url=self.base_url),
-        )
+        if options is None:
+            self.settings = BackendSettings(
+                rpm=rpm,
+                tpm=tpm,
+                token_model=model,
+                identity=cache_identity,
+                prices=prices if prices is not None else prices_for(model, base_url=self.base_url),
+            )
+        else:  # the Batch API: many calls waiting at once, its own queue limits, its own prices
+            self.settings = BackendSettings(
+                concurrency=min(options.max_requests, _MOST_IN_FLIGHT),
+                adaptive_concurrency=False,
+                learn_limits=False,  # no x-ratelimit-* headers, and no first answer to wait for before the rest
+                token_model=model,
+                identity=cache_identity,
+                prices=batch_prices(prices)
+                if prices is not None
+                else prices_for(model, base_url=self.base_url, batch=True),
+            )
         self._url = self.base_url + "/chat/completions"
         self._secret = api_key
         self._extra_body = extra_body or {}
@@ -262,6 +295,12 @@ class OpenAIBackend(SettingsAttributes):
             self._lean = Httpx2Client(http_client, max_connections=max_connections)
         else:
             self._lean = AiohttpClient(max_connections=max_connections)
+        self.batch: BatchOptions | None = options
+        self._batcher: Batcher | None = None
+        if options is not None:
+            api = BatchesAPI(self.base_url, self._headers, self._batch_client, timeout, self._status_error)
+            api.answered = self._server_answered
+            self._batcher = Batcher(api, options, batch_state)
 
     @property
     def structured_modes(self) -> dict[str, StructuredMode]:
@@ -279,10 +318,29 @@ class OpenAIBackend(SettingsAttributes):
         return self._cap.field
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r})"
+        batch = ", batch=True" if self.batch is not None else ""
+        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, http={self.http!r}{batch})"
+
+    @property
+    def batches_submitted(self) -> int:
+        """Batches this backend created (batch mode; 0 otherwise), not counting those a rerun waited for again."""
+        return self._batcher.submitted if self._batcher is not None else 0
+
+    def _server_answered(self) -> None:
+        self._answered = True
+
+    def _batch_client(self) -> HTTPClient:
+        """The client the Batch API's requests go through: the lean one, or with ``http="sdk"`` the SDK's own."""
+        if self._lean is None:
+            self._transport.reopen()
+            return self._transport
+        return self._lean_client()
 
     async def aclose(self) -> None:
-        """Close the connections it opened (an ``http_client`` you passed in stays open: yours to close)."""
+        """Close the connections it opened (an ``http_client`` you passed in stays open: yours to close), and the
+        batch state file."""
+        if self._batcher is not None:
+            self._batcher.close()
         if self._sdk is not None and self._transport.owned and not self._transport.loop_changed:
             await self._sdk.close()
         for lean in (self._lean, self._lean_trio):
@@ -304,6 +362,8 @@ class OpenAIBackend(SettingsAttributes):
             try:
                 response = await self._send(request, mode)
             except exc.APIStatusError as error:
+                if is_batch_failure(error):  # the batch's, not this request's: says nothing of its mode
+                    raise
                 if isinstance(error, exc.BadRequestError | exc.UnprocessableEntityError):
                     now = self._modes.refused(task, mode, error)
                     if now is not None:  # a 400 naming response_format: the capability answer itself
@@ -368,7 +428,7 @@ class OpenAIBackend(SettingsAttributes):
                 await anyio.sleep(delay)
                 continue
             except (exc.BadRequestError, exc.UnprocessableEntityError) as error:
-                if self._cap.refused(field, error):
+                if not is_batch_failure(error) and self._cap.refused(field, error):
                     continue
                 raise
             self._cap.observe(field, request.max_tokens, response.completion_tokens)
@@ -409,9 +469,18 @@ class OpenAIBackend(SettingsAttributes):
         return body
 
     async def _complete(self, request: ChatRequest, mode: StructuredMode, field: str) -> ChatResponse:
-        """One HTTP call, the completion cap in ``field``."""
+        """One HTTP call, the completion cap in ``field`` (batch mode: one line of a batch)."""
         body = self._body(request, mode, field)
         started = time.perf_counter()
+        if self._batcher is not None:
+            line = await self._batcher.complete(custom_id(self.model, request, self._extra_body), body)
+            said = {"x-request-id": line.request_id} if line.request_id else {}
+            if line.status >= 400:
+                raise self._status_error(line.status, line.body, said)
+            if not (isinstance(line.body, dict) and isinstance(line.body.get("choices"), list)):
+                came = f"a batch line that is not a chat completion: {line.body!r}"[:500]
+                raise exc.MalformedResponseError(self._redact(came))
+            return self._response(line.body, said, time.perf_counter() - started)
         if self._sdk is not None:
             status, headers, data = await self._send_sdk(body)
         else:
@@ -432,7 +501,15 @@ class OpenAIBackend(SettingsAttributes):
                     raise self._status_error(status, data if data is not None else content, headers)
                 if not (isinstance(data, dict) and isinstance(data.get("choices"), list)):
                     raise exc.MalformedResponseError(self._redact(_what_came_back(status, headers, content, data)))
-        latency = time.perf_counter() - started
+        return self._response(data, headers, time.perf_counter() - started)
+
+    @staticmethod
+    def _response(data: Any, headers: Mapping[str, str], latency: float) -> ChatResponse:
+        """The :class:`ChatResponse` a ``chat.completion`` object stands for (``latency`` in seconds).
+
+        Raises:
+            MalformedResponseError: it is not one.
+        """
         try:
             choice = data["choices"][0]
             message = choice["message"]
@@ -598,6 +675,42 @@ class OpenAIBackend(SettingsAttributes):
         if status in (408, 409) or status >= 500:
             return exc.ServerError(message, **kwargs)
         return _BY_STATUS.get(status, exc.APIStatusError)(message, **kwargs)
+
+
+_MOST_IN_FLIGHT = 10_000
+"""Calls in flight a backend in batch mode declares: the orchestrator's most (``MAX_CONCURRENCY``), so a batch holds
+up to 10,000 of a run's calls (fewer with a smaller ``BatchOptions.max_requests``)."""
+
+
+def _batch_options(
+    batch: bool | BatchOptions,
+    state: str | os.PathLike[str] | None,
+    *,
+    stream: bool,
+    rpm: float | None,
+    tpm: float | None,
+) -> BatchOptions | None:
+    """The batch mode's options (None: off), after checking what goes with it.
+
+    Raises:
+        ConfigurationError: ``batch`` is neither a bool nor a :class:`BatchOptions`; ``batch_state`` without
+            ``batch``; ``batch`` with ``stream``, ``rpm`` or ``tpm``.
+    """
+    if not isinstance(batch, bool | BatchOptions):
+        raise ConfigurationError(f"batch must be True, False or a polytask.BatchOptions, got {batch!r}")
+    if batch is False:
+        if state is not None:
+            raise ConfigurationError(f"batch_state={str(state)!r} needs batch=True (the Batch API mode)")
+        return None
+    if stream:
+        raise ConfigurationError("batch and stream cannot go together: a Batch API answer is never streamed")
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None:
+            raise ConfigurationError(
+                f"{name} does not apply with batch=True: the Batch API is not limited per minute (it has its own "
+                "queue limits, waited out by resubmitting)"
+            )
+    return batch if isinstance(batch, BatchOptions) else BatchOptions()
 
 
 def _retry_delay(details: Any) -> float | None:

@@ -25,6 +25,7 @@ from rich.console import Console
 from .._version import __version__
 from ..backends.base import settings_of
 from ..cache import default_cache_path
+from ..costs import batch_prices
 from ..exceptions import PolytaskError
 from ..orchestrator import Orchestrator
 from ..ray_runner import RayOrchestrator
@@ -106,6 +107,23 @@ def run(
             "stream cut off mid-way is retried.",
         ),
     ] = False,
+    batch_api: Annotated[
+        bool,
+        typer.Option(
+            "--batch-api",
+            help="Send the calls through the provider's Batch API (openai; half the price, answers within 24 h): "
+            "collected into batches, polled until done; a killed run resumes waiting for its batches (recorded in "
+            ".OUTPUT.batches) instead of paying twice. --price-in / --price-out are then the live prices, halved.",
+        ),
+    ] = False,
+    batch_poll: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="With --batch-api: seconds before a batch's first status poll, growing 1.5× per poll up to a "
+            "minute (default 5; 0.05 against --simulate).",
+        ),
+    ] = None,
     rate_window: Annotated[
         float | None,
         typer.Option(
@@ -252,6 +270,8 @@ def run(
     )
     check_choices(structured_outputs, max_tokens_param)
     prices = check_prices(price_in, price_out)
+    if batch_api and prices is not None:  # --price-in / --price-out are the live prices
+        prices = batch_prices(prices)
     simulated = simulate or simulate_oracle is not None or bool(simulate_faults) or bool(simulate_latency)
     if backend == "local":
         check_local(
@@ -263,6 +283,7 @@ def run(
                 "--structured-outputs": structured_outputs if structured_outputs != "json_schema" else None,
                 "--max-tokens-param": max_tokens_param if max_tokens_param != "auto" else None,
                 "--stream": stream or None,
+                "--batch-api": batch_api or None,
                 "--rate-window": rate_window,
                 "--simulate": simulate or None,
                 "--simulate-oracle": simulate_oracle,
@@ -284,10 +305,19 @@ def run(
                     if flag == "--backend local"
                     else f"{flag} is not available with --ray yet: each worker would keep its own"
                 )
+    check_numbers(batch_poll=batch_poll)
+    if batch_poll is not None and not batch_api:
+        fail("--batch-poll applies to --batch-api")
+    if batch_api:
+        clashes: list[tuple[str, object]] = [("--stream", stream), ("--rpm", rpm), ("--tpm", tpm), ("--ray", ray)]
+        for flag, clash in [*clashes, ("--redis", redis)]:
+            if clash:
+                fail(f"{flag} does not go with --batch-api (the Batch API has its own queue and answers in one piece)")
     tasks = parse_tasks(task)
     if no_cache and cache is not None:
         fail("--cache and --no-cache contradict each other: pass one")
     in_path, out_path = check_paths(input, output, simulate_oracle)
+    batch_state = _options.batch_state_path(out_path) if batch_api and output != "-" else None
     check_distinct(
         {
             "the input": in_path,
@@ -315,6 +345,8 @@ def run(
                 structured_outputs=structured_outputs,
                 max_tokens_param=max_tokens_param,
                 stream=stream,
+                batch=_options.batch_options(simulated, batch_poll) if batch_api else False,
+                batch_state=batch_state,
             )
         except KeyboardInterrupt:
             why, code = signals.interruption()
@@ -412,6 +444,8 @@ def run(
                 journal = Journal(out_path, job, restart=restart)
             except PolytaskError as error:
                 fail(str(error))
+            if restart and batch_state is not None:  # the earlier run's batches are not waited for (nor paid) again
+                _options.remove_batch_state(batch_state)
             if journal.dropped:
                 err.print(
                     f"[yellow]resuming:[/] {journal.dropped} bytes of a line cut off when the earlier run died were "
@@ -421,6 +455,10 @@ def run(
             if journal.finished:
                 err.print(f"resuming: {journal.finished} document(s) finished by an earlier run are kept")
             code = write_file(orch, source, journal, show, allow_partial)
+            if batch_state is not None and not journal.path.exists():  # the output is whole: nothing to resume
+                _options.remove_batch_state(batch_state)
+        if batch_api:
+            err.print(f"batch API: {_options.batches_submitted(the_backend)} batch(es) submitted by this run")
     raise typer.Exit(code)
 
 

@@ -102,6 +102,7 @@ def check_numbers(**values: float | None) -> None:
         "batch_size",
         "pack",
         "pack_tokens",
+        "batch_poll",
     )
     for name, value in values.items():
         if value is None:
@@ -198,10 +199,13 @@ def make_backend(
     structured_outputs: str = "json_schema",
     max_tokens_param: str = "auto",
     stream: bool = False,
+    batch: Any = False,
+    batch_state: Path | None = None,
 ) -> Backend:
     """The backend ``--backend`` names (a local model loads here); ``cache_identity``: see
     :class:`~polytask.OpenAIBackend` (the built-in simulator's port changes with every run, its answers do not).
-    A dry run sends nothing, so it needs no API key."""
+    A dry run sends nothing, so it needs no API key. ``batch`` (True or a :class:`~polytask.BatchOptions`) and
+    ``batch_state``: the Batch API mode (``--batch-api``) and its state file."""
     try:
         if kind == "openai":
             from ..backends.openai import OpenAIBackend
@@ -217,6 +221,8 @@ def make_backend(
                 max_tokens_param=max_tokens_param,  # type: ignore[arg-type]
                 stream=stream,
                 api_key="not-needed-for-a-dry-run" if dry_run and not os.environ.get("OPENAI_API_KEY") else None,
+                batch=batch,
+                batch_state=batch_state,
             )
         if kind == "local":
             from ..backends.transformers import TransformersBackend
@@ -270,6 +276,36 @@ def start_simulator(
     url = stack.enter_context(run_in_thread(config)).base_url
     assert url is not None  # started
     return url, simulator_identity(config, oracle)
+
+
+def batch_options(simulated: bool, poll: float | None = None) -> Any:
+    """``--batch-api``'s options: the defaults (a batch first polled after 5 s, growing to a minute), or against the
+    built-in simulator, which ends a batch at once, 0.05 s; ``poll``: ``--batch-poll``, the first poll's wait."""
+    if not simulated and poll is None:
+        return True
+    from ..backends import BatchOptions
+
+    if simulated:
+        return BatchOptions(flush_after=0.05, poll_every=poll or 0.05, poll_max=max(0.5, poll or 0))
+    return BatchOptions(poll_every=poll or 5.0, poll_max=max(60.0, poll or 0))
+
+
+def batch_state_path(output: Path) -> Path:
+    """``--batch-api``'s state file for an output file: ``.NAME.batches`` beside it (and beside its partial file)."""
+    return output.with_name(f".{output.name}.batches")
+
+
+def batches_submitted(backend: Backend) -> int:
+    """The batches an OpenAI backend in batch mode created (0 for any other backend)."""
+    from ..backends.openai import OpenAIBackend
+
+    return backend.batches_submitted if isinstance(backend, OpenAIBackend) else 0
+
+
+def remove_batch_state(path: Path) -> None:
+    """Delete a batch state file and SQLite's files beside it (``-wal``, ``-shm``)."""
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
 
 
 def simulator_identity(config: Any, oracle: Path | None) -> str:

@@ -117,6 +117,15 @@ class SimulatorConfig(BaseModel):
             response: a 429 says how long to wait only in its message ("Please try again in 1.2s"), as some gateways
             do.
         gold_path: a gold JSON Lines file for oracle answers (see :mod:`polytask.testing.oracle`), or None.
+        batch_delay: seconds of the simulator's clock from a batch's creation until it is ``completed`` (its lines
+            answered at its first retrieval after that; see :mod:`polytask.testing.batches`).
+        batch_error_rate: the share of batch lines (0–1, a seeded draw) that fail: half with a 500 response, half
+            with a ``batch_expired`` error and no response.
+        batch_max_requests: the most requests in one batch's input file (OpenAI: 50,000): creating a batch over
+            more gets a 400.
+        batch_max_bytes: the largest input file, bytes (OpenAI: 200 MB): a larger upload gets a 400.
+        batch_max_in_progress: the most batches unfinished at once: a batch created past it is ``failed`` at once
+            with a ``token_limit_exceeded`` error (OpenAI's enqueued-token limit); None = no limit.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -142,6 +151,11 @@ class SimulatorConfig(BaseModel):
     announce_window: bool = False
     rate_limit_headers: bool = True
     gold_path: Path | None = None
+    batch_delay: float = Field(default=0.0, ge=0)
+    batch_error_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_max_requests: int = Field(default=50_000, gt=0)
+    batch_max_bytes: int = Field(default=200_000_000, gt=0)
+    batch_max_in_progress: int | None = Field(default=None, gt=0)
 
 
 class SimulatorStats(BaseModel):
@@ -160,6 +174,10 @@ class SimulatorStats(BaseModel):
         max_queue_wait: the longest a completion waited for its turn, seconds.
         abandoned: completions whose client went away before the answer (a timeout) while queued or being served:
             they were served all the same.
+        files_uploaded: files uploaded to ``/v1/files``.
+        batches_created: batches created (``/v1/batches``), not counting those refused for ``batch_max_in_progress``.
+        batches_refused: batches created ``failed`` for ``batch_max_in_progress``.
+        batch_lines: batch lines answered (successful or failed).
     """
 
     received: int = 0
@@ -170,6 +188,10 @@ class SimulatorStats(BaseModel):
     max_queued: int = 0
     max_queue_wait: float = 0.0
     abandoned: int = 0
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batches_refused: int = 0
+    batch_lines: int = 0
 
     def count(self, outcome: str) -> None:
         """Add one to ``outcomes[outcome]``."""

@@ -10,6 +10,8 @@ Endpoints (each also without the ``/v1`` prefix):
   ``chat.completion.chunk`` with the role, the content (or the refusal) in a few pieces, one with the
   ``finish_reason``, a last one with no choices and the ``usage`` when ``stream_options.include_usage`` is true, then
   ``data: [DONE]``.
+* ``/v1/files`` and ``/v1/batches`` — OpenAI's Batch API, each line answered as a completion is (see
+  :mod:`polytask.testing.batches`).
 * ``GET /v1/models`` — the one configured model.
 * ``GET /stats`` — :class:`SimulatorStats` as JSON.
 
@@ -41,6 +43,7 @@ from aiohttp import web
 
 from .._prompts import SCHEMA_MARKER, estimate_tokens, extract_sentence
 from ..chat import Message
+from .batches import BatchStore
 from .config import FAULT_KINDS, FaultRates, SimulatorConfig, SimulatorStats
 from .oracle import GoldIndex, oracle_answer, packed_answer, packed_sentences
 from .ratelimit import Clock, ServerRateLimiter, format_duration
@@ -101,6 +104,7 @@ class Simulator:
         config: the configuration.
         stats: live :class:`SimulatorStats`.
         limiter: the RPM/TPM :class:`~polytask.testing.ratelimit.ServerRateLimiter`.
+        batch_store: the Batch API's files and batches (:class:`~polytask.testing.batches.BatchStore`).
         base_url: ``http://host:port/v1`` once started (else None).
     """
 
@@ -115,6 +119,7 @@ class Simulator:
             announce_window=self.config.announce_window,
         )
         self.gold = GoldIndex(self.config.gold_path) if self.config.gold_path else None
+        self.batch_store = BatchStore(self.config, self.stats, self.answer_body, clock)
         self.base_url: str | None = None
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(self.config.seed + 1)
@@ -131,6 +136,7 @@ class Simulator:
             app.router.add_post(prefix + "/chat/completions", self._completions)
             app.router.add_get(prefix + "/models", self._models)
             app.router.add_get(prefix + "/stats", self._stats)
+            self.batch_store.add_routes(app, prefix)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -284,38 +290,79 @@ class Simulator:
         )
         return _error(429, message, "requests", "rate_limit_exceeded", headers=headers)
 
+    def _read(self, body: Any) -> tuple[list[Message], int]:
+        """The messages and the completion cap of a chat-completions request body.
+
+        Raises:
+            ValueError: the body is not a valid request (the message says why).
+        """
+        cfg = self.config
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+            raise ValueError("'messages' must be a non-empty array of message objects")
+        messages: list[Message] = [{"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in raw]
+        max_tokens = body.get("max_completion_tokens") if cfg.reads_max_completion_tokens else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = cfg.default_max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError("'max_tokens' must be a positive integer")
+        return messages, max_tokens
+
+    def _refused_format(self, body: dict[str, Any]) -> tuple[int, str] | None:
+        """``(status, message)`` when the server refuses the body's ``response_format`` (``supports_json_schema``
+        False), else None; a status other than 400 comes with its bare reason phrase."""
+        cfg = self.config
+        fmt = body.get("response_format")
+        if cfg.supports_json_schema or not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+            return None
+        if cfg.json_schema_status != 400:  # a server that fails on it, saying nothing of why
+            try:
+                return cfg.json_schema_status, HTTPStatus(cfg.json_schema_status).phrase
+            except ValueError:  # a status with no name
+                return cfg.json_schema_status, "Error"
+        return 400, "response_format type 'json_schema' is not supported by this server; use 'json_object'"
+
+    def answer_body(self, body: Any, fault: str | None = None) -> tuple[int, dict[str, Any], str]:
+        """One chat-completions request body answered as ``POST /v1/chat/completions`` answers it (the same
+        validation, the same deterministic or gold answer), without rate limits, latency or transport faults: the
+        Batch API's lines (:mod:`polytask.testing.batches`). ``fault``: an answer fault to apply (``"refusal"``,
+        ``"invalid_answer"``, …), or None.
+
+        Returns:
+            ``(status, JSON body, outcome)``: 200 and a ``chat.completion`` object, or an error status and an
+            OpenAI error object.
+        """
+        try:
+            messages, max_tokens = self._read(body)
+        except ValueError as exc:
+            error = {"message": f"Invalid request: {exc}", "type": "invalid_request_error", "param": None, "code": None}
+            return 400, {"error": error}, "bad_request"
+        refused = self._refused_format(body)
+        if refused is not None:
+            status, message = refused
+            error = {"message": message, "type": "BadRequestError", "param": "response_format", "code": None}
+            return status, {"error": error}, "bad_request" if status == 400 else "json_schema_refused"
+        model = str(body.get("model") or self.config.model)
+        outcome, completion = self._answer(body, messages, max_tokens, model, fault)
+        return 200, completion, outcome
+
     async def _handle(self, request: web.Request, drawn: list[str]) -> tuple[str, web.StreamResponse]:
         cfg = self.config
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            raw = body.get("messages")
-            if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
-                raise ValueError("'messages' must be a non-empty array of message objects")
-            messages: list[Message] = [
-                {"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in raw
-            ]
-            max_tokens = body.get("max_completion_tokens") if cfg.reads_max_completion_tokens else None
-            if max_tokens is None:
-                max_tokens = body.get("max_tokens")
-            if max_tokens is None:
-                max_tokens = cfg.default_max_tokens
-            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-                raise ValueError("'max_tokens' must be a positive integer")
+            messages, max_tokens = self._read(body)
         except ValueError as exc:
             return "bad_request", _error(400, f"Invalid request: {exc}", "invalid_request_error")
         model = str(body.get("model") or cfg.model)
-        fmt = body.get("response_format")
-        if not cfg.supports_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            if cfg.json_schema_status != 400:  # a server that fails on it, saying nothing of why
-                status = cfg.json_schema_status
-                try:
-                    phrase = HTTPStatus(status).phrase
-                except ValueError:  # a status with no name
-                    phrase = "Error"
-                return "json_schema_refused", web.Response(status=status, text=phrase)
-            message = "response_format type 'json_schema' is not supported by this server; use 'json_object'"
+        refused = self._refused_format(body)
+        if refused is not None:
+            status, message = refused
+            if status != 400:
+                return "json_schema_refused", web.Response(status=status, text=message)
             return "bad_request", _error(400, message, "BadRequestError", param="response_format")
 
         if cfg.max_concurrency is not None and self.stats.in_flight > cfg.max_concurrency:
@@ -377,6 +424,29 @@ class Simulator:
         if fault == "hang":
             await self._sleep(cfg.hang_seconds)
 
+        outcome, completion = self._answer(body, messages, max_tokens, model, fault)
+        headers = {**decision.headers, "x-request-id": f"req_{uuid.uuid4().hex}"}
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(request, completion, headers, outcome, usage=usage, fault=fault)
+        text = json.dumps(completion, ensure_ascii=False)
+        if fault == "malformed":
+            text = text[: len(text) // 2]
+        if fault == "cut_stream":  # the connection closes halfway through the body
+            data = text.encode()
+            response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+            response.content_length = len(data)
+            return await self._cut(request, response, [data[: len(data) // 2]], outcome)
+        return outcome, web.Response(text=text, content_type="application/json", headers=headers)
+
+    def _answer(
+        self, body: dict[str, Any], messages: list[Message], max_tokens: int, model: str, fault: str | None
+    ) -> tuple[str, dict[str, Any]]:
+        """``(outcome, chat.completion object)`` for a valid request: the deterministic (or gold) answer, with the
+        answer faults (``invalid_answer``, ``loose_answer``, ``length``, ``refusal``) applied."""
+        cfg = self.config
+        prompt_tokens = estimate_tokens(messages)
         sentence = extract_sentence(messages)
         if sentence is None:
             sentence = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -425,7 +495,6 @@ class Simulator:
             },
             "system_fingerprint": "fp_polytask_sim",
         }
-        headers = {**decision.headers, "x-request-id": f"req_{uuid.uuid4().hex}"}
         outcome = (
             fault
             if fault in ("malformed", "length", "refusal", "invalid_answer", "loose_answer", "hang", "cut_stream")
@@ -433,19 +502,7 @@ class Simulator:
         )
         if finish == "length" and fault not in ("length", "cut_stream"):
             outcome = "ok"
-        if body.get("stream") is True:
-            options = body.get("stream_options")
-            usage = isinstance(options, dict) and options.get("include_usage") is True
-            return await self._stream(request, completion, headers, outcome, usage=usage, fault=fault)
-        text = json.dumps(completion, ensure_ascii=False)
-        if fault == "malformed":
-            text = text[: len(text) // 2]
-        if fault == "cut_stream":  # the connection closes halfway through the body
-            data = text.encode()
-            response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
-            response.content_length = len(data)
-            return await self._cut(request, response, [data[: len(data) // 2]], outcome)
-        return outcome, web.Response(text=text, content_type="application/json", headers=headers)
+        return outcome, completion
 
     async def _stream(
         self,
