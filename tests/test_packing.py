@@ -198,13 +198,49 @@ async def test_an_unreadable_answer_is_re_asked_once_then_every_pair_alone():
 
 async def test_a_call_that_fails_for_the_server_is_not_asked_again_pair_by_pair():
     def answer(request: ChatRequest) -> object:
-        raise BadRequestError("HTTP 400: context length exceeded", status_code=400)
+        raise pt.ServerError("HTTP 500: down", status_code=500)
 
-    backend = pt.FunctionBackend(answer)
-    async with pt.Orchestrator(backend, [pt.Sentiment(), pt.Entities()], fuse=True, pack=8) as orch:
+    backend = pt.FunctionBackend(answer, prices=pt.Prices(input=1.0, output=1.0))
+    retry = pt.RetryPolicy(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    async with pt.Orchestrator(
+        backend, [pt.Sentiment(), pt.Entities()], fuse=True, pack=8, retry=retry, max_outage=None
+    ) as orch:
         (result,) = await orch.run([TEXT])
-    assert result.partial and backend.calls == 1 and orch.stats.asked_alone == 0
-    assert {p.error.type for p in result.pairs} == {"BadRequestError"}
+    assert result.partial and backend.calls == 2 and orch.stats.asked_alone == 0  # retried as one call, not split
+    assert {p.error.type for p in result.pairs} == {"ServerError"}
+
+
+async def test_a_packed_call_too_large_for_the_server_or_the_tpm_limit_goes_pair_by_pair():
+    def answer(request: ChatRequest) -> object:
+        if request.max_tokens > 600:  # the server's context: prompt + max_tokens
+            raise BadRequestError("HTTP 400: context length exceeded", status_code=400)
+        return single_answer(request)
+
+    async with pt.Orchestrator(pt.FunctionBackend(answer), [pt.Sentiment(), pt.Entities()], fuse=True, pack=8) as orch:
+        (result,) = await orch.run([TEXT])
+    assert not result.partial and orch.stats.asked_alone == 8
+    tight = pt.FunctionBackend(single_answer, tpm=1500)  # a bundle's max_tokens alone is over the TPM limit
+    async with pt.Orchestrator(tight, [pt.Sentiment(), pt.Entities()], fuse=True, pack=8, clock=FakeClock()) as orch:
+        (result,) = await orch.run([TEXT])
+    assert not result.partial and tight.calls == 8
+
+
+async def test_what_a_failed_packed_call_cost_is_shared_by_its_pairs():
+    calls = 0
+
+    def answer(request: ChatRequest) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return pt.ChatResponse(content="not JSON", finish_reason="stop", prompt_tokens=100, completion_tokens=10)
+        raise pt.AuthenticationError("HTTP 401: bad key", status_code=401)
+
+    backend = pt.FunctionBackend(answer, prices=pt.Prices(input=1.0, output=1.0))
+    async with pt.Orchestrator(backend, [pt.Sentiment(), pt.Entities()], fuse=True, pack=8) as orch:
+        with pytest.raises(pt.AuthenticationError) as caught:
+            await orch.run([TEXT])
+    (result,) = caught.value.results
+    assert result.usage.cost > 0 and sum(p.cost for p in result.pairs) == pytest.approx(result.usage.cost)
 
 
 async def test_a_rerun_of_a_packed_job_is_answered_from_the_cache(tmp_path, simulator):

@@ -49,12 +49,14 @@ from .documents import Document, DocumentResult, ErrorInfo, PairResult, Sentence
 from .dry_run import DryRun, Planner
 from .exceptions import (
     AnswerValidationError,
+    BadRequestError,
     ConfigurationError,
     DeadlineExceededError,
     InputError,
     LengthLimitError,
     PolytaskError,
     RefusalError,
+    RequestTooLargeError,
     RunStopped,
     ServerDownError,
     is_fatal_to_run,
@@ -861,15 +863,18 @@ class Orchestrator:
             messages = self.packer.messages(unit, state.sentences)
             answer = await self._ask(bundle, messages, usage, state, unit.sentences[0].index, job, count)
             if isinstance(answer, PolytaskError):
-                return [self._failed(pair, answer, attempts) for pair in pairs]
+                return self._shared([self._failed(pair, answer, attempts) for pair in pairs], usage)
             parts = bundle.split(answer.value, len(unit.sentences))
             reasked = answer.reasked
         except AskError as failure:
             attempts, reasked = failure.attempts, failure.reasked
-            if not isinstance(failure.error, AnswerValidationError | LengthLimitError | RefusalError):
-                # not the answer's fault (a spent budget, a server down, retries exhausted): asking alone won't help
+            alone_may_help = (
+                AnswerValidationError | LengthLimitError | RefusalError | BadRequestError | RequestTooLargeError
+            )
+            if not isinstance(failure.error, alone_may_help):
+                # not the call's size or answer (a spent budget, a server down, retries exhausted): alone won't help
                 self._ask_failed(failure.error, bundle.name, state, job)
-                return [self._failed(pair, failure.error, attempts, reasked) for pair in pairs]
+                return self._shared([self._failed(pair, failure.error, attempts, reasked) for pair in pairs], usage)
             logger.debug("document %s: a %d-pair call failed (%s); asked alone", state.document.id, len(pairs), failure)
         except Exception as error:  # a user's task building its examples into the prompt
             logger.warning("a fused or packed call failed on document %s: %r", state.document.id, error)
@@ -912,6 +917,13 @@ class Orchestrator:
         for result in results.values():
             result.cost += share
         return [results[(pair.sentence.index, pair.task.name)] for pair in pairs]
+
+    @staticmethod
+    def _shared(results: list[PairResult], usage: Usage) -> list[PairResult]:
+        """``results`` each with an even share of what their call cost (``usage.cost``)."""
+        for result in results:
+            result.cost += usage.cost / len(results)
+        return results
 
     def _call_events(self, state: _DocState) -> Callable[[CallEvent], None] | None:
         """Where a pair's call events go: the ``on_call`` hook, and the document's list for its OpenTelemetry spans."""

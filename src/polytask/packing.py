@@ -204,7 +204,10 @@ def _part(task: Task[Any], value: Any, n: int) -> Any:
     try:
         return task.parse(text)
     except ValidationError as error:
-        recovered = task.recover(text)
+        try:
+            recovered = task.recover(text)
+        except Exception:  # a user's recover failing: that part is asked alone
+            recovered = None
         if recovered is not None and recovered != text:
             try:
                 return task.parse(recovered)
