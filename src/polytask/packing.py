@@ -290,12 +290,16 @@ class Packer:
         return self._bundles[key]
 
     def units(self, sentences: Sequence[Sentence]) -> list[Unit]:
-        """The units of one document, in order: each task group over consecutive packs of its sentences."""
+        """The units of one document, in order: sentence by sentence (pack by pack), each task group in turn — so
+        the calls in flight at once are spread over the tasks, as one call per pair sends them."""
+        per_group = [self._packs(sentences, g) for g in range(len(self.groups))]
         out: list[Unit] = []
-        for g, group in enumerate(self.groups):
-            for pack in self._packs(sentences, g):
-                single = len(pack) == 1 and len(group) == 1
-                out.append(Unit(tuple(pack), group, None if single else self.bundle(g, len(pack))))
+        for i in range(max(map(len, per_group), default=0)):
+            for g, group in enumerate(self.groups):
+                if i < len(per_group[g]):
+                    pack = per_group[g][i]
+                    single = len(pack) == 1 and len(group) == 1
+                    out.append(Unit(tuple(pack), group, None if single else self.bundle(g, len(pack))))
         return out
 
     def _packs(self, sentences: Sequence[Sentence], group: int) -> list[list[Sentence]]:
