@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .chat import Message
@@ -26,6 +26,7 @@ __all__ = [
     "extract_sentence",
     "neighbours",
     "reask_messages",
+    "user_value",
 ]
 
 _SYSTEM = (
@@ -123,6 +124,13 @@ def reask_messages(messages: Sequence[Message], content: str, error: str) -> lis
 def extract_sentence(messages: Sequence[Message]) -> str | None:
     """The sentence a polytask prompt asks about: the ``"sentence"`` of the last user message that holds one (a
     re-ask's plain-text request after it is passed over: the re-ask is about the same sentence), or None."""
+    sentence = user_value(messages, "sentence")
+    return sentence if isinstance(sentence, str) else None
+
+
+def user_value(messages: Sequence[Mapping[str, str]], key: str) -> Any:
+    """``key``'s value in the last user message that is a JSON object holding it (a re-ask's plain-text request
+    after it is passed over), or None."""
     for message in reversed(messages):
         if message.get("role") != "user":
             continue
@@ -130,9 +138,8 @@ def extract_sentence(messages: Sequence[Message]) -> str | None:
             data = json.loads(message.get("content") or "")
         except ValueError:
             continue
-        sentence = data.get("sentence") if isinstance(data, dict) else None
-        if isinstance(sentence, str):
-            return sentence
+        if isinstance(data, dict) and key in data:
+            return data[key]
     return None
 
 

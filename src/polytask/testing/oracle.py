@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._prompts import user_value
 from .schema_fill import fill_schema, resolve_ref
 
 __all__ = ["GoldEntity", "GoldIndex", "oracle_answer", "packed_answer", "packed_sentences"]
@@ -155,22 +156,14 @@ def packed_sentences(schema: Mapping[str, Any], messages: Sequence[Mapping[str, 
     properties = schema.get("properties") or {}
     if not properties or not all(isinstance(key, str) and key.isdigit() for key in properties):
         return None
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
-        try:
-            data = json.loads(message.get("content") or "")
-        except ValueError:
-            return None
-        listed = data.get("sentences") if isinstance(data, dict) else None
-        if not isinstance(listed, list):
-            return None
-        return [
-            (s["n"], s["sentence"])
-            for s in listed
-            if isinstance(s, dict) and isinstance(s.get("n"), int) and isinstance(s.get("sentence"), str)
-        ]
-    return None
+    listed = user_value(messages, "sentences")
+    if not isinstance(listed, list):
+        return None
+    return [
+        (s["n"], s["sentence"])
+        for s in listed
+        if isinstance(s, dict) and isinstance(s.get("n"), int) and isinstance(s.get("sentence"), str)
+    ]
 
 
 def packed_answer(
