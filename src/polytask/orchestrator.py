@@ -704,12 +704,9 @@ class Orchestrator:
                 if state.started is None:
                     state.started = self.clock.now()
                 pairs = [_Pair(state, s, t) for s in unit.sentences for t in unit.tasks]
-                if job.fatal is not None:
-                    stopped = RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})")
-                    results = [self._failed(pair, stopped, 0) for pair in pairs]
-                elif job.deadline is not None:
-                    late = DeadlineExceededError(f"not sent: {_late(job.deadline)}")
-                    results = [self._failed(pair, late, 0) for pair in pairs]
+                unsent = self._not_sent(job)
+                if unsent is not None:
+                    results = [self._failed(pair, unsent, 0) for pair in pairs]
                 elif unit.bundle is None:
                     results = [await self._run_pair(pairs[0], job)]
                 else:
@@ -737,6 +734,15 @@ class Orchestrator:
                     f"last: {self.breaker.last_error}"
                 )
             )
+
+    @staticmethod
+    def _not_sent(job: _Job) -> PolytaskError | None:
+        """Why nothing new may be sent now (the run stopped, the caller's deadline passed), or None."""
+        if job.fatal is not None:
+            return RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})")
+        if job.deadline is not None:
+            return DeadlineExceededError(f"not sent: {_late(job.deadline)}")
+        return None
 
     def _failed(self, pair: _Pair, error: BaseException, attempts: int, reasked: bool = False) -> PairResult:
         return PairResult(
@@ -880,7 +886,6 @@ class Orchestrator:
             logger.warning("a fused or packed call failed on document %s: %r", state.document.id, error)
         finally:
             state.usage.merge(usage)
-        share = usage.cost / len(pairs)
         first = unit.sentences[0].index
         results: dict[tuple[int, str], PairResult] = {}
         alone: list[_Pair] = []
@@ -900,12 +905,8 @@ class Orchestrator:
             )
 
         async def ask_alone(pair: _Pair) -> None:
-            if job.fatal is not None:
-                result = self._failed(pair, RunStopped(f"not sent: the run stopped ({type(job.fatal).__name__})"), 0)
-            elif job.deadline is not None:
-                result = self._failed(pair, DeadlineExceededError(f"not sent: {_late(job.deadline)}"), 0)
-            else:
-                result = await self._run_pair(pair, job)
+            unsent = self._not_sent(job)
+            result = self._failed(pair, unsent, 0) if unsent is not None else await self._run_pair(pair, job)
             result.attempts += attempts
             results[(pair.sentence.index, pair.task.name)] = result
 
@@ -914,9 +915,7 @@ class Orchestrator:
             async with anyio.create_task_group() as tg:
                 for pair in alone:
                     tg.start_soon(ask_alone, pair)
-        for result in results.values():
-            result.cost += share
-        return [results[(pair.sentence.index, pair.task.name)] for pair in pairs]
+        return self._shared([results[(pair.sentence.index, pair.task.name)] for pair in pairs], usage)
 
     @staticmethod
     def _shared(results: list[PairResult], usage: Usage) -> list[PairResult]:

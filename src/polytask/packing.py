@@ -150,7 +150,6 @@ class Bundle(Task[BundleAnswer]):
 
     def __init__(self, tasks: Sequence[Task[Any]], sentences: int, *, context: bool = False) -> None:
         self.tasks = tuple(tasks)
-        self.size = sentences
         system = _SYSTEM.format(context=_CONTEXT if context else "", tasks="\n".join(_task_text(t) for t in self.tasks))
         super().__init__(
             bundle_name(self.tasks),
@@ -276,11 +275,6 @@ class Packer:
             probe = Bundle(group, 1, context=context_sentences > 0)
             self._fixed.append(prompt_tokens(probe.messages([])))
             self._answer.append(sum(math.ceil(typical_answer_chars(t.json_schema()) / 3.6) + 4 for t in group))
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any call asks more than one pair."""
-        return self.pack > 1 or (self.fuse and len(self.tasks) > 1)
 
     def bundle(self, group: int, sentences: int) -> Bundle:
         """The :class:`Bundle` of task group ``group`` for ``sentences`` sentences (made once)."""
